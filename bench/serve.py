@@ -1,0 +1,269 @@
+"""Serving benchmark: ggserve vs llama-cpp-python's server vs llama.cpp's llama-server.
+
+Starts each server in turn on loopback with the same GGUF and thread count, then drives it with
+streamed /v1/completions requests: for each concurrency level, aggregate decode tokens/s,
+per-stream tokens/s and time to first token (p50/p95); and the prefill rate on a long prompt.
+EOS is suppressed with logit_bias so every stream generates exactly --max-tokens tokens; each
+prompt starts with a unique number so no server can answer from a prompt cache.
+
+    .venv/bin/python bench/serve.py --llama-server /path/to/llama-server
+
+Prints one table (ratios of ggserve to each peer) and, with --write, updates
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server.engine.native import NativeModel, init_backend  # noqa: E402
+
+FILLER = ("The history of navigation is a story of stars, instruments and patient record "
+          "keeping across many centuries of voyages. ")
+
+
+@dataclass
+class Level:
+    streams: int
+    aggregate: float = 0.0  # decode tokens/s over the whole run
+    per_stream: float = 0.0
+    ttft_p50: float = 0.0
+    ttft_p95: float = 0.0
+    tokens: int = 0
+
+
+@dataclass
+class Result:
+    server: str
+    levels: dict[int, Level] = field(default_factory=dict)
+    prefill: float = 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_command(name: str, args: argparse.Namespace, port: int, n_ctx: int,
+                   registry: Path) -> list[str]:
+    slots = max(args.concurrency)
+    if name == "ggserve":
+        return [sys.executable, "-m", "server", "--port", str(port), "--models-file",
+                str(registry), "--threads", str(args.threads), "--parallel", str(slots),
+                "--log-level", "warning"]
+    if name == "llama-cpp-python":
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model),
+                "--model_alias", "bench", "--port", str(port), "--n_threads", str(args.threads),
+                "--n_threads_batch", str(args.threads), "--n_ctx", str(n_ctx),
+                "--verbose", "False"]
+    return [str(args.llama_server), "-m", str(args.model), "--port", str(port),
+            "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots),
+            "-c", str(n_ctx * slots), "--alias", "bench", "--no-webui"]
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{url}: server exited with {proc.returncode}")
+            try:
+                if (await client.get(f"{url}/v1/models", timeout=2)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url}: not ready after 120 s")
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, object]) -> \
+        tuple[float, float, float, int]:
+    """(start, first token, last token) times and the number of text chunks received."""
+    start = time.perf_counter()
+    first = last = 0.0
+    count = 0
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body,
+                                 timeout=600) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    last = time.perf_counter()
+                    first = first or last
+                    count += 1
+    except httpx.RemoteProtocolError:
+        pass  # llama-cpp-python's server cuts a running stream when a new request arrives
+    return start, first or time.perf_counter(), last or time.perf_counter(), count
+
+
+def body(model: str, prompt: str, max_tokens: int, bias: dict[str, float]) -> dict[str, object]:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "logit_bias": bias}
+
+
+async def run_level(url: str, model: str, streams: int, args: argparse.Namespace,
+                    bias: dict[str, float], salt: int) -> Level:
+    prompts = [f"{salt}-{i}. Write a long story about a lighthouse keeper." for i in
+               range(streams)]
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=streams + 4)) as client:
+        began = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, url, body(
+            model, p, args.max_tokens, bias)) for p in prompts))
+        ended = max(r[2] for r in results)
+    ttfts = sorted(r[1] - r[0] for r in results)
+    per_stream = [(r[3] - 1) / (r[2] - r[1]) for r in results if r[3] > 1 and r[2] > r[1]]
+    tokens = sum(r[3] for r in results)
+    return Level(streams, tokens / (ended - began), statistics.mean(per_stream or [0.0]),
+                 statistics.median(ttfts), ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
+                 tokens)
+
+
+async def run_prefill(url: str, model: str, args: argparse.Namespace, vocab: NativeModel,
+                      salt: int) -> float:
+    text = f"{salt}. " + FILLER * (args.prefill_tokens // 20 + 1)
+    tokens = vocab.tokenize(text, parse_special=False)[:args.prefill_tokens]
+    prompt = b"".join(vocab.piece(t) for t in tokens).decode(errors="ignore")
+    n_prompt = len(vocab.tokenize(prompt, parse_special=True))
+    async with httpx.AsyncClient() as client:
+        start, first, _, _ = await one_stream(client, url, body(model, prompt, 1, {}))
+    return n_prompt / (first - start)
+
+
+async def bench_server(name: str, args: argparse.Namespace, vocab: NativeModel,
+                       bias: dict[str, float], registry: Path) -> Result:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    n_ctx = args.prefill_tokens + 512
+    log = open(Path(tempfile.gettempdir()) / f"bench-{name}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(server_command(name, args, port, n_ctx, registry), cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT)
+    result = Result(name)
+    try:
+        await wait_ready(url, proc)
+        model = "bench"
+        await run_level(url, model, 1, args, bias, salt=0)  # warm-up
+        for streams in args.concurrency:
+            level = await run_level(url, model, streams, args, bias, salt=streams * 1000)
+            result.levels[streams] = level
+            print(f"  {name:18} {streams:3} streams: {level.aggregate:7.1f} tok/s aggregate, "
+                  f"{level.per_stream:6.1f} per stream, TTFT p50 {level.ttft_p50:.3f}s "
+                  f"p95 {level.ttft_p95:.3f}s", flush=True)
+        result.prefill = await run_prefill(url, model, args, vocab, salt=7)
+        print(f"  {name:18} prefill {result.prefill:.1f} tok/s", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    return result
+
+
+def median_result(runs: list[Result]) -> Result:
+    """Per level, the run with the median aggregate; prefill likewise."""
+    merged = Result(runs[0].server, prefill=statistics.median(r.prefill for r in runs))
+    for streams in runs[0].levels:
+        levels = sorted((r.levels[streams] for r in runs), key=lambda lv: lv.aggregate)
+        merged.levels[streams] = levels[len(levels) // 2]
+    return merged
+
+
+def table(results: list[Result], args: argparse.Namespace) -> str:
+    ours = results[0]
+    peers = results[1:]
+    head = ["streams", *(f"{r.server} tok/s" for r in results),
+            *(f"ratio vs {p.server}" for p in peers), "per-stream tok/s (ours)",
+            "TTFT p50/p95 s (ours)", *(f"TTFT p50/p95 s ({p.server})" for p in peers)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for streams in args.concurrency:
+        mine = ours.levels[streams]
+        row = [str(streams), *(f"{r.levels[streams].aggregate:.1f}" for r in results),
+               *(f"{mine.aggregate / p.levels[streams].aggregate:.2f}x" for p in peers),
+               f"{mine.per_stream:.1f}", f"{mine.ttft_p50:.2f} / {mine.ttft_p95:.2f}",
+               *(f"{p.levels[streams].ttft_p50:.2f} / {p.levels[streams].ttft_p95:.2f}"
+                 for p in peers)]
+        lines.append("| " + " | ".join(row) + " |")
+    row = [f"prefill, {args.prefill_tokens}-token prompt",
+           *(f"{r.prefill:.1f}" for r in results),
+           *(f"{ours.prefill / p.prefill:.2f}x" for p in peers), "", "",
+           *("" for _ in peers)]
+    lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def bench_registry(model: Path, n_ctx: int) -> Path:
+    path = Path(tempfile.mkdtemp()) / "models.yaml"
+    path.write_text(f"models:\n  bench:\n    path: {model}\n    n_ctx: {n_ctx}\n"
+                    "    sampling: {repeat_penalty: 1.0}\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="GGUF (default: the registry's default)")
+    parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMA_SERVER"),
+                        help="llama-server binary built from the vendored llama.cpp")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 4, 8, 16, 32])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prefill-tokens", type=int, default=2000)
+    parser.add_argument("--servers", default="ggserve,llama-server,llama-cpp-python")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per server, in alternating order; the table shows medians")
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+    if args.model is None:
+        from server.registry import Registry
+        from server.settings import Settings
+
+        s = Settings()
+        registry = Registry.load(s.models_file, s.templates_dir, s.models_dir)
+        args.model = registry.local_file(registry.get(registry.default))
+    names = args.servers.split(",")
+    if "llama-server" in names and not args.llama_server:
+        parser.error("--llama-server (or LLAMA_SERVER) is needed to run llama-server")
+    init_backend()
+    vocab = NativeModel(args.model, n_gpu_layers=0, repack=False)
+    eog = [t for t in range(vocab.n_vocab) if vocab.is_eog(t)]
+    bias = {str(t): -100.0 for t in eog}
+    registry = bench_registry(args.model, args.prefill_tokens + 512)
+    runs: dict[str, list[Result]] = {name: [] for name in names}
+    for rep in range(args.repeat):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            runs[name].append(asyncio.run(bench_server(name, args, vocab, bias, registry)))
+    results = [median_result(runs[name]) for name in names]
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"{args.threads} threads; model {args.model.name}; {args.max_tokens} output tokens "
+               f"per stream, EOS suppressed; median of {args.repeat} run(s) per server")
+    report = f"{machine}\n\n{table(results, args)}\n"
+    print()
+    print(report)
+    if args.write:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d")
+        (ROOT / "docs" / "benchmarks.md").write_text(
+            "# Benchmarks\n\nLatest run of `bench/serve.py` "
+            f"({stamp}):\n\n{report}\nReproduce: see the docstring of bench/serve.py.\n")
+
+
+if __name__ == "__main__":
+    main()

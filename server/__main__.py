@@ -1,0 +1,90 @@
+"""`python -m server`: parse flags and environment into Settings, then serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+from sse_starlette.sse import AppStatus
+
+from server.app import create_app
+from server.errors import RegistryError
+from server.logs import configure_logging
+from server.settings import Settings
+
+log = logging.getLogger("server")
+
+
+def _parse(argv: list[str]) -> dict[str, object]:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve GGUF models over an OpenAI-compatible API. Every flag can also be "
+                    "set as an environment variable GGSERVE_<NAME> (e.g. GGSERVE_PORT).")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--models-file", type=Path, help="the registry (default models.yaml)")
+    parser.add_argument("--default-model", help="registry id loaded at start")
+    parser.add_argument("--parallel", type=int, help="sequences decoded together per model")
+    parser.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
+    parser.add_argument("--cpu-repack", choices=["auto", "on", "off"],
+                        help="llama.cpp CPU weight repacking (auto: off where AMX would crash)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="text (default) or JSON lines")
+    parser.add_argument("--drain-s", type=float,
+                        help="on SIGTERM, seconds of /ready=503 before shutting down")
+    args = vars(parser.parse_args(argv))
+    return {key: value for key, value in args.items() if value is not None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = Settings(**_parse(sys.argv[1:] if argv is None else argv))  # type: ignore[arg-type]
+    except ValidationError as exc:
+        sys.exit(f"invalid settings: {exc}")
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        app = create_app(settings)
+    except RegistryError as exc:
+        sys.exit(f"error: {exc}")
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)))
+    DrainingServer(config, app, settings.drain_s).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM: /ready turns 503 at once, the server keeps serving for `drain_s` so load
+    balancers take it out, then stops accepting and lets running streams finish."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
+        super().__init__(config)
+        # sse-starlette's default cuts every open stream on the first signal; we drain them, and
+        # uvicorn cancels what still runs after `timeout_graceful_shutdown`.
+        AppStatus.disable_automatic_graceful_drain()
+        self._app = app
+        self._drain_s = drain_s
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._app.state.accepting = False
+        if self._draining or not self._drain_s:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        log.info("signal %d: /ready is now 503; draining for %g s before shutdown", sig,
+                 self._drain_s)
+        timer = threading.Timer(self._drain_s, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+
+if __name__ == "__main__":
+    main()

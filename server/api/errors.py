@@ -1,0 +1,67 @@
+"""Every error, validation included, as OpenAI's envelope {"error": {message, type, param, code}}.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from server.errors import ContextLengthExceeded, ServerError
+
+log = logging.getLogger("server.api")
+
+
+def error_body(exc: ServerError) -> dict[str, Any]:
+    body: dict[str, Any] = {"message": exc.message, "type": exc.error_type,
+                            "param": exc.param, "code": exc.code}
+    if isinstance(exc, ContextLengthExceeded):
+        # llama-server's fields: clients use them to trim the history and retry.
+        body.update(n_prompt_tokens=exc.n_prompt_tokens, n_ctx=exc.n_ctx)
+    return {"error": body}
+
+
+def internal_error_body() -> dict[str, Any]:
+    return {"error": {"message": "The server had an internal error; it was logged.",
+                      "type": "server_error", "param": None, "code": None}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return f"The request body is not valid JSON: {first.get('msg')}.", None
+    param = ".".join(loc) or None
+    where = f"'{param}'" if param else "the request body"
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"Invalid value for {where}: {message}.", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServerError)
+    async def _server_error(_: Request, exc: ServerError) -> JSONResponse:
+        retry = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry)} if retry is not None else None
+        return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
+                                       "param": param, "code": None}}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "param": None,
+                                       "code": None}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(internal_error_body(), status_code=500)

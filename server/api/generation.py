@@ -1,0 +1,148 @@
+"""What chat and text completions share: admitting a request, metering it, collecting it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.engine.base import (
+    ChoiceFinished,
+    Engine,
+    Event,
+    FinishReason,
+    GenerationRequest,
+    GenerationStream,
+    TextDelta,
+    Usage,
+)
+from server.errors import RequestTimedOut, ServerError
+from server.metrics import Metrics
+
+log = logging.getLogger("server.requests")
+
+
+@dataclass
+class Generation:
+    """An admitted request: its id, its metered events, and how to stop it."""
+
+    id: str
+    model: str
+    created: int
+    stream: GenerationStream
+    metrics: Metrics
+    endpoint: str
+    started: float
+    usage: Usage | None = None
+    first_token_at: float | None = None
+    _last_delta_at: dict[int, float] = field(default_factory=dict)
+    timeout_s: float = 600.0
+
+    @classmethod
+    async def start(cls, engine: Engine, request: GenerationRequest, metrics: Metrics,
+                    endpoint: str, id_prefix: str, timeout_s: float) -> Generation:
+        """Admit `request` in the engine; typed errors raise here, before any response."""
+        started = time.perf_counter()
+        stream = await engine.generate(request)
+        return cls(f"{id_prefix}-{uuid.uuid4().hex}", request.model, int(time.time()), stream,
+                   metrics, endpoint, started, timeout_s=timeout_s)
+
+    async def _timed(self) -> AsyncIterator[Event]:
+        """The engine's events, ending in RequestTimedOut past the request's deadline."""
+        events = aiter(self.stream)
+        deadline = self.started + self.timeout_s
+        while True:
+            try:
+                yield await asyncio.wait_for(anext(events), deadline - time.perf_counter())
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise RequestTimedOut(
+                    f"The request ran longer than this server allows ({self.timeout_s:g} s); "
+                    "ask for fewer tokens.") from None
+
+    async def events(self) -> AsyncIterator[Event]:
+        m, model = self.metrics, self.model
+        outcome = "cancelled"
+        m.requests_running.labels(model).inc()
+        try:
+            async for event in self._timed():
+                if isinstance(event, TextDelta):
+                    self._time_delta(event)
+                elif isinstance(event, ChoiceFinished):
+                    m.request_success.labels(model, event.reason).inc()
+                elif isinstance(event, Usage):
+                    self._count_usage(event)
+                yield event
+            outcome = "ok"
+        except ServerError as exc:
+            outcome = "client_error" if exc.status_code < 500 else "server_error"
+            raise
+        except Exception:
+            outcome = "server_error"
+            raise
+        finally:
+            self.stream.cancel()
+            m.requests_running.labels(model).dec()
+            m.requests.labels(model, self.endpoint, outcome).inc()
+            m.e2e_latency.labels(model).observe(time.perf_counter() - self.started)
+            self._log(outcome)
+
+    def _time_delta(self, delta: TextDelta) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.metrics.time_to_first_token.labels(self.model).observe(now - self.started)
+        last = self._last_delta_at.get(delta.index)
+        if last is not None:
+            self.metrics.inter_token_latency.labels(self.model).observe(now - last)
+        self._last_delta_at[delta.index] = now
+
+    def _log(self, outcome: str) -> None:
+        total = time.perf_counter() - self.started
+        usage = self.usage or Usage(0, 0)
+        ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        rate = usage.completion_tokens / total if total > 0 else 0.0
+        fields = {"model": self.model, "endpoint": self.endpoint, "outcome": outcome,
+                  "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens,
+                  "completion_tokens": usage.completion_tokens,
+                  "ttft_s": None if ttft is None else round(ttft, 4),
+                  "total_s": round(total, 4), "tokens_per_s": round(rate, 2)}
+        log.info("%s %s %s prompt=%d (cached %d) output=%d ttft=%s total=%.3fs %.1f tok/s",
+                 self.endpoint, self.model, outcome, usage.prompt_tokens, usage.cached_tokens,
+                 usage.completion_tokens, "-" if ttft is None else f"{ttft:.3f}s", total, rate,
+                 extra=fields)
+
+    def _count_usage(self, usage: Usage) -> None:
+        self.usage = usage
+        m, model = self.metrics, self.model
+        m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        m.prompt_tokens_cached.labels(model).inc(usage.cached_tokens)
+        m.generation_tokens.labels(model).inc(usage.completion_tokens)
+        m.prompt_length.labels(model).observe(usage.prompt_tokens)
+        m.output_length.labels(model).observe(usage.completion_tokens)
+
+    async def collect(self, n: int) -> Collected:
+        """Run to the end and gather each choice's text and finish reason."""
+        result = Collected([[] for _ in range(n)], ["stop"] * n)
+        async for event in self.events():
+            if isinstance(event, TextDelta):
+                result.parts[event.index].append(event.text)
+            elif isinstance(event, ChoiceFinished):
+                result.finish[event.index] = event.reason
+            elif isinstance(event, Usage):
+                result.usage = event
+        return result
+
+
+@dataclass
+class Collected:
+    parts: list[list[str]]
+    finish: list[FinishReason]
+    usage: Usage = field(default_factory=lambda: Usage(0, 0))
+
+    def text(self, index: int) -> str:
+        return "".join(self.parts[index])

@@ -1,0 +1,187 @@
+"""Thin, typed wrappers over llama.cpp's C API (through llama-cpp-python's ctypes bindings)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as lc
+
+from server.engine.base import SamplingParams
+from server.errors import ModelLoadFailed
+
+log = logging.getLogger("server.engine")
+_native_log = logging.getLogger("llama.cpp")
+# ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (continues the last line).
+_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING,
+           4: logging.ERROR}
+_init_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+@lc.llama_log_callback  # type: ignore[untyped-decorator]
+def _on_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp logs in fragments (level 5 continues the previous line): join them into lines.
+    if level != 5:
+        _state["level"] = _LEVELS.get(level, logging.DEBUG)
+    _state["line"] = _state.get("line", "") + text.decode("utf-8", errors="replace")
+    if _state["line"].endswith("\n"):
+        line, _state["line"] = _state["line"].rstrip(), ""
+        # llama.cpp's INFO is a firehose (every tensor of every load): keep it at DEBUG. Its
+        # n_ctx_seq warning is about the unified KV cache's total size; the engine checks the
+        # per-request window against the training context itself (engine/llama.py).
+        level_ = _state["level"]
+        if "n_ctx_seq" in line and "n_ctx_train" in line:
+            level_ = logging.DEBUG
+        _native_log.log(logging.DEBUG if level_ == logging.INFO else level_, "%s", line)
+
+
+def init_backend() -> None:
+    """Initialise llama.cpp once per process and route its log into Python logging."""
+    with _init_lock:
+        if _state.get("ready"):
+            return
+        lc.llama_log_set(_on_native_log, ctypes.c_void_p(0))
+        lc.llama_backend_init()
+        _state["ready"] = True
+
+
+def system_info() -> str:
+    return bytes(lc.llama_print_system_info()).decode("utf-8", errors="replace")
+
+
+def build_has_amx() -> bool:
+    """True when this llama.cpp was compiled with the AMX kernels (a -march=native build on AMX)."""
+    return "AMX_INT8 = 1" in system_info()
+
+
+def gpu_offload_supported() -> bool:
+    return bool(lc.llama_supports_gpu_offload())
+
+
+def repack_enabled(setting: str) -> bool:
+    """Whether to let llama.cpp repack weights into its extra CPU buffer types.
+
+    The AMX repacking path segfaults in ggml_backend_amx_mul_mat on quantized models on the
+    AMX CPUs we run on; "auto" keeps repacking off whenever the build carries those kernels.
+    """
+    if setting == "auto":
+        return not build_has_amx()
+    return setting == "on"
+
+
+class NativeModel:
+    """A loaded llama_model with its vocabulary: tokenize, detokenize, metadata."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int, repack: bool) -> None:
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 10_000
+        params.use_extra_bufts = repack
+        ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise ModelLoadFailed(
+                f"llama.cpp could not load {path}: the file is not a complete GGUF or its "
+                "architecture is unknown to this llama.cpp (see the server log)")
+        self.ptr = ptr
+        self.vocab = lc.llama_model_get_vocab(ptr)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(lc.llama_model_n_ctx_train(ptr))
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(lc.llama_vocab_bos(self.vocab))
+        self.eos = int(lc.llama_vocab_eos(self.vocab))
+        self.weights_bytes = int(lc.llama_model_size(ptr))
+        head = int(lc.llama_model_n_embd(ptr)) // max(1, int(lc.llama_model_n_head(ptr)))
+        # K and V, f16, for every layer: what one token position costs in the KV cache.
+        self.kv_bytes_per_token = (2 * 2 * int(lc.llama_model_n_layer(ptr)) * head
+                                   * int(lc.llama_model_n_head_kv(ptr)))
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def meta(self, key: str) -> str | None:
+        size = 4096
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(lc.llama_vocab_get_text(self.vocab, token)).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    def tokenize(self, text: str, *, parse_special: bool, add_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (lc.llama_token * capacity)()
+        n = lc.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special,
+                              parse_special)
+        if n < 0:
+            capacity = -n
+            buf = (lc.llama_token * capacity)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special,
+                                  parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token adds to the output (control tokens add none)."""
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def single_token(self, text: str) -> int | None:
+        """The id of `text` if it is one token of the vocabulary (e.g. `<|im_end|>`)."""
+        tokens = self.tokenize(text, parse_special=True)
+        return tokens[0] if len(tokens) == 1 else None
+
+
+class SamplerChain:
+    """A native llama_sampler chain for one sequence; sampling never loops in Python."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int, seed: int | None) -> None:
+        self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if params.logit_bias:
+            biases = (lc.llama_logit_bias * len(params.logit_bias))()
+            for slot, (token, bias) in zip(biases, params.logit_bias.items(), strict=True):
+                slot.token, slot.bias = token, bias
+            self._add(lc.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+        if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
+            self._add(lc.llama_sampler_init_penalties(
+                n_vocab, 64, params.repeat_penalty, params.frequency_penalty,
+                params.presence_penalty))
+        if params.temperature <= 0:
+            self._add(lc.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            self._add(lc.llama_sampler_init_top_k(params.top_k))
+        self._add(lc.llama_sampler_init_top_p(params.top_p, 1))
+        self._add(lc.llama_sampler_init_min_p(params.min_p, 1))
+        self._add(lc.llama_sampler_init_temp(params.temperature))
+        self._add(lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED if seed is None else seed))
+
+    def _add(self, sampler: Any) -> None:
+        lc.llama_sampler_chain_add(self.ptr, sampler)
+
+    def sample(self, ctx: Any, batch_index: int) -> int:
+        """Sample from the logits of batch row `batch_index` and accept the token."""
+        return int(lc.llama_sampler_sample(self.ptr, ctx, batch_index))
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_sampler_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,57 @@
+"""Token bytes → safe output text: whole UTF-8 characters only, stop strings held back and cut."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+
+
+class StopTextStream:
+    """Turns the byte pieces of generated tokens into text that may be sent to a client.
+
+    Text that could still become the start of a stop string is held back until it can't; a
+    completed stop string ends the stream and neither it nor anything after it is ever emitted.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, piece: bytes) -> str:
+        """Add a token's bytes; return the text now safe to emit (maybe empty)."""
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.decode(piece)
+        hit = self._earliest_stop()
+        if hit is not None:
+            out, self._pending, self.stopped = self._pending[:hit], "", True
+            return out
+        keep = self._held_back_length()
+        cut = len(self._pending) - keep
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        """At the end of generation: text held back for a stop string that never completed.
+
+        Bytes of an unfinished UTF-8 character are dropped rather than sent broken.
+        """
+        out, self._pending = self._pending, ""
+        self._decoder.reset()
+        return "" if self.stopped else out
+
+    def _earliest_stop(self) -> int | None:
+        found = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        return min(found) if found else None
+
+    def _held_back_length(self) -> int:
+        """Length of the longest tail of the pending text that begins some stop string."""
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(self._pending)), longest, -1):
+                if self._pending.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest

@@ -1,0 +1,111 @@
+"""Typed errors shared by every layer; `api/errors.py` maps them to HTTP in one place."""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base of every error this server reports to a client."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(ServerError):
+    """The request is well-formed JSON but asks for something this server cannot do."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.code = code
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus requested output does not fit the model's context window."""
+
+    def __init__(self, *, n_prompt_tokens: int, n_ctx: int, max_tokens: int | None) -> None:
+        if max_tokens is None:
+            message = (
+                f"This model's maximum context length is {n_ctx} tokens, but the prompt has "
+                f"{n_prompt_tokens} tokens. Shorten the prompt."
+            )
+            param = "messages"
+        else:
+            message = (
+                f"This model's maximum context length is {n_ctx} tokens, but you requested "
+                f"{n_prompt_tokens + max_tokens} tokens ({n_prompt_tokens} in the prompt, "
+                f"{max_tokens} for the completion). Shorten the prompt or lower max_tokens."
+            )
+            param = "max_tokens"
+        super().__init__(message, param=param, code="context_length_exceeded")
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class PromptRenderError(InvalidRequest):
+    """The model's chat template refused or failed to render the messages."""
+
+
+class AuthenticationFailed(ServerError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(ServerError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        super().__init__(
+            f"The model '{model}' does not exist. Available models: {', '.join(available)}.",
+            param="model",
+        )
+
+
+class ModelLoadFailed(ServerError):
+    """A registry entry exists but llama.cpp could not load its file."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "model_load_failed"
+
+
+class EngineFailure(ServerError):
+    """llama.cpp failed while generating (a decode error); the request cannot finish."""
+
+    status_code = 500
+    error_type = "server_error"
+
+
+class RequestTimedOut(ServerError):
+    status_code = 504
+    error_type = "server_error"
+    code = "request_timeout"
+
+
+class ServerOverloaded(ServerError):
+    """The model's queue is full; the client should retry after `retry_after` seconds."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "server_overloaded"
+    retry_after = 1
+
+
+class ServerShuttingDown(ServerError):
+    status_code = 503
+    error_type = "server_error"
+    code = "shutting_down"
+
+
+class RegistryError(Exception):
+    """models.yaml is invalid; the message names the file, the entry and the field."""

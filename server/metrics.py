@@ -1,0 +1,120 @@
+"""Every Prometheus collector, declared once, on a registry owned by the app (no module state).
+
+Labels are bounded: a registry model id, a route template, a finish reason, a status class;
+never prompt text, a user, or a model name a client made up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "ggserve:"
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class Metrics:
+    """The server's collectors; `render()` gives the Prometheus text exposition."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            f"{PREFIX}http_requests", "HTTP requests by route and status class",
+            ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            f"{PREFIX}requests", "Generation requests by model, endpoint and outcome "
+            "(ok, client_error, server_error, cancelled)", ["model", "endpoint", "outcome"],
+            registry=r)
+        self.request_success = Counter(
+            f"{PREFIX}request_success", "Finished choices by finish reason",
+            ["model", "finished_reason"], registry=r)
+        self.prompt_tokens = Counter(
+            f"{PREFIX}prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter(
+            f"{PREFIX}generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.requests_running = Gauge(
+            f"{PREFIX}num_requests_running", "Generation requests in progress", ["model"],
+            registry=r)
+        self.sequences_running = Gauge(
+            f"{PREFIX}num_sequences_running", "Sequences in the model's decode batch",
+            ["model"], registry=r)
+        self.requests_waiting = Gauge(
+            f"{PREFIX}num_requests_waiting", "Admitted requests waiting for a batch slot",
+            ["model"], registry=r)
+        self.decode_calls = Counter(
+            f"{PREFIX}decode_calls", "llama_decode calls (batch steps)", ["model"], registry=r)
+        self.prompt_tokens_cached = Counter(
+            f"{PREFIX}prompt_tokens_cached", "Prompt tokens whose KV was reused (prefix cache)",
+            ["model"], registry=r)
+        self.kv_cache_tokens = Gauge(
+            f"{PREFIX}kv_cache_tokens", "Token positions held in the KV cache (running and "
+            "cached)", ["model"], registry=r)
+        self.kv_cache_usage = Gauge(
+            f"{PREFIX}kv_cache_usage_perc", "KV cache use, 0 to 1 of its token budget",
+            ["model"], registry=r)
+        self.decode_throughput = Gauge(
+            f"{PREFIX}decode_tokens_per_second", "Tokens sampled per second over the last 5 s",
+            ["model"], registry=r)
+        self.models_loaded = Gauge(
+            f"{PREFIX}models_loaded", "Models resident in memory", registry=r)
+        self.model_memory = Gauge(
+            f"{PREFIX}model_memory_bytes", "Memory a loaded model holds, by part (weights, "
+            "kv_cache) and device (cpu, gpu)", ["model", "part", "device"], registry=r)
+        self.queue_wait = Histogram(
+            f"{PREFIX}request_queue_time_seconds", "Time from arrival to a batch slot",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            f"{PREFIX}inter_token_latency_seconds", "Time between output pieces of a choice",
+            ["model"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15,
+                                0.2, 0.3, 0.5, 0.75, 1.0, 2.5), registry=r)
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}time_to_first_token_seconds", "Time from request to first output text",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e_latency = Histogram(
+            f"{PREFIX}e2e_request_latency_seconds", "Time from request to last output",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_length = Histogram(
+            f"{PREFIX}request_prompt_tokens", "Prompt length per request", ["model"],
+            buckets=_TOKEN_BUCKETS, registry=r)
+        self.output_length = Histogram(
+            f"{PREFIX}request_generation_tokens", "Generated tokens per request", ["model"],
+            buckets=_TOKEN_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SchedulerMetrics:
+    """One model's scheduler collectors, bound to its label; used by the scheduler thread."""
+
+    WINDOW = 5.0  # seconds of decode steps behind the throughput gauge
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.queue_wait = metrics.queue_wait.labels(model)
+        self._decode_calls = metrics.decode_calls.labels(model)
+        self._running = metrics.sequences_running.labels(model)
+        self._waiting = metrics.requests_waiting.labels(model)
+        self._kv_tokens = metrics.kv_cache_tokens.labels(model)
+        self._kv_usage = metrics.kv_cache_usage.labels(model)
+        self._throughput = metrics.decode_throughput.labels(model)
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def decoded(self, sampled: int) -> None:
+        """One llama_decode that yielded `sampled` new tokens."""
+        self._decode_calls.inc()
+        self._recent.append((time.monotonic(), sampled))
+
+    def report(self, running: int, waiting: int, kv_tokens: int, kv_capacity: int) -> None:
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._kv_tokens.set(kv_tokens)
+        self._kv_usage.set(kv_tokens / kv_capacity if kv_capacity else 0.0)
+        horizon = time.monotonic() - self.WINDOW
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+        rate = sum(n for _, n in self._recent) / self.WINDOW
+        self._throughput.set(rate if running else 0.0)

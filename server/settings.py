@@ -1,0 +1,71 @@
+"""Server settings: environment variables (GGSERVE_*) and CLI flags, validated at start."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_threads() -> int:
+    # llama.cpp decodes fastest with one thread per physical core; on small machines that is
+    # every core we are allowed to use.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def load_api_keys(settings: Settings) -> frozenset[str]:
+    """The keys from settings and from the key file (one per line, # comments)."""
+    keys = set(settings.api_keys)
+    if settings.api_key_file is not None:
+        for line in settings.api_key_file.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                keys.add(line.strip())
+    return frozenset(keys)
+
+
+class Settings(BaseSettings):
+    """Everything the server needs to start; each field is also `GGSERVE_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="GGSERVE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models_file: Path = PROJECT_ROOT / "models.yaml"
+    templates_dir: Path = PROJECT_ROOT / "templates"
+    models_dir: Path = PROJECT_ROOT / "models"
+    default_model: str | None = None
+    preload: list[str] = Field(default_factory=list)
+    parallel: int = Field(4, ge=1, le=256, description="sequences decoded together per model")
+    kv_cache_tokens: int | None = Field(
+        None, ge=16, description="KV budget per model in tokens (default n_ctx * parallel)")
+    kv_unified: bool = Field(
+        False, description="one KV cache for all sequences instead of one stream each")
+    batch_tokens: int = Field(512, ge=16, description="tokens per llama_decode step")
+    threads: int = Field(default_factory=_default_threads, ge=1)
+    cpu_repack: Literal["auto", "on", "off"] = "auto"
+    max_waiting: int = Field(256, ge=1, description="queued requests per model before 503")
+    # --- limits on what one request may ask ---
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_tokens_limit: int | None = Field(None, ge=1, description="cap on max_tokens")
+    max_n: int = Field(16, ge=1)
+    max_messages: int = Field(1024, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0, description="longest a generation may run")
+    # --- security ---
+    api_keys: list[str] = Field(default_factory=list, repr=False)
+    api_key_file: Path | None = None
+    metrics_require_key: bool = False
+    cors_origins: list[str] = Field(default_factory=list)
+    # --- shutdown: on SIGTERM /ready turns 503 for drain_s, then running streams get up to
+    # shutdown_timeout_s to finish ---
+    drain_s: float = Field(0.0, ge=0)
+    shutdown_timeout_s: float = Field(30.0, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"

@@ -1,0 +1,94 @@
+"""models.yaml validation: every mistake is named with its file, entry and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.errors import ModelNotFound, RegistryError
+from server.registry import Registry
+from server.settings import PROJECT_ROOT, Settings
+
+TEMPLATES = PROJECT_ROOT / "templates"
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    path = tmp_path / "models.yaml"
+    path.write_text(body)
+    return path
+
+
+def load(path: Path) -> Registry:
+    return Registry.load(path, TEMPLATES, path.parent / "models")
+
+
+def test_shipped_registry_loads_with_the_default_model() -> None:
+    settings = Settings()
+    registry = Registry.load(settings.models_file, settings.templates_dir, settings.models_dir)
+    assert registry.default == "smollm2-135m-instruct"
+    assert registry.local_file(registry.get(registry.default)).name == \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_unknown_key_names_file_entry_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  tiny:\n    path: m.gguf\n    temprature: 0.5\n")
+    with pytest.raises(RegistryError) as err:
+        load(path)
+    assert str(err.value) == f"{path}: model 'tiny': unknown key 'temprature'"
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  tiny:\n    path: m.gguf\n    sampling: {topp: 1}\n")
+    with pytest.raises(RegistryError, match=r"model 'tiny': unknown key 'sampling.topp'"):
+        load(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  tiny:\n    path: nowhere.gguf\n")
+    with pytest.raises(RegistryError) as err:
+        load(path)
+    assert f"{path}: model 'tiny': field 'path': GGUF file not found:" in str(err.value)
+    assert "nowhere.gguf" in str(err.value)
+
+
+def test_missing_package(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  p:\n    package: no_such_pkg\n    file: x.gguf\n")
+    with pytest.raises(RegistryError, match="'no_such_pkg' is not installed"):
+        load(path)
+
+
+def test_unknown_template(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  tiny:\n    path: m.gguf\n    template: chatmlx\n")
+    with pytest.raises(RegistryError) as err:
+        load(path)
+    assert f"{path}: model 'tiny': field 'template': unknown template 'chatmlx'" in \
+        str(err.value)
+
+
+def test_bad_values_and_sources(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  t:\n    path: m.gguf\n    n_ctx: many\n")
+    with pytest.raises(RegistryError, match=r"model 't': field 'n_ctx': Input should be"):
+        load(path)
+    path = write(tmp_path, "models:\n  t:\n    repo: a/b\n")
+    with pytest.raises(RegistryError, match=r"model 't': 'repo' needs 'file'"):
+        load(path)
+    path = write(tmp_path, "models:\n  t: {}\n")
+    with pytest.raises(RegistryError, match="give exactly one source"):
+        load(path)
+
+
+def test_default_must_exist_and_unknown_model_is_404(tmp_path: Path) -> None:
+    path = write(tmp_path, "default: other\nmodels:\n  tiny:\n    path: m.gguf\n")
+    with pytest.raises(RegistryError, match="default model 'other' is not an entry"):
+        load(path)
+    registry = load(write(tmp_path, "models:\n  tiny:\n    path: m.gguf\n"))
+    with pytest.raises(ModelNotFound) as err:
+        registry.get("gpt-4")
+    assert err.value.status_code == 404 and "tiny" in err.value.message
+
+
+def test_not_yaml(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="not valid YAML"):
+        load(write(tmp_path, "models: [\n"))
