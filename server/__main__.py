@@ -68,7 +68,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         # sse-starlette's default cuts every open stream on the first signal; we drain them, and
         # uvicorn cancels what still runs after `timeout_graceful_shutdown`.
-        AppStatus.disable_automatic_graceful_drain()
+        AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
         self._app = app
         self._drain_s = drain_s
         self._draining = False

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import chat, completions, health, models
 from server.api.errors import install_error_handlers
@@ -56,7 +57,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
     app.include_router(health.router)
     app.include_router(health.metrics_router,
                        dependencies=guarded if settings.metrics_require_key else [])
-    app.middleware("http")(_observe_request)
+    app.add_middleware(ObserveRequests, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "OPTIONS"],
@@ -78,22 +79,43 @@ def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-async def _observe_request(request: Request,
-                           call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Tag the request with its id (the client's x-request-id, else a new one) and count it."""
-    request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
-    token = REQUEST_ID.set(request_id)
-    try:
-        response = await call_next(request)
-    finally:
-        REQUEST_ID.reset(token)
-    response.headers["x-request-id"] = request_id
-    metrics: Metrics = request.app.state.metrics
-    metrics.http_requests.labels(_route(request), f"{response.status_code // 100}xx").inc()
-    return response
+class ObserveRequests:
+    """Tag each request with its id (the client's x-request-id, else a new one), return it as a
+    header, and count the request by route and status class once the response is complete.
+
+    A plain ASGI middleware: a streamed body passes straight through (Starlette's
+    BaseHTTPMiddleware would relay every chunk through a memory stream and another task).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"")[:128]
+        request_id = given.decode("latin-1") or uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        token = REQUEST_ID.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+            self.metrics.http_requests.labels(_route(scope), f"{status // 100}xx").inc()
 
 
-def _route(request: Request) -> str:
+def _route(scope: Scope) -> str:
     """The matched route's template (bounded), never the raw path a client sent."""
-    route = request.scope.get("route")  # set by the router once it matched
+    route = scope.get("route")  # set by the router once it matched
     return str(getattr(route, "path", "unmatched"))

@@ -53,16 +53,21 @@ class Generation:
     async def _timed(self) -> AsyncIterator[Event]:
         """The engine's events, ending in RequestTimedOut past the request's deadline."""
         events = aiter(self.stream)
-        deadline = self.started + self.timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s - (time.perf_counter() - self.started)
         while True:
             try:
-                yield await asyncio.wait_for(anext(events), deadline - time.perf_counter())
+                # A timer per wait, never across the yield: the deadline cancels only the wait
+                # for the engine (asyncio.wait_for would create a task per event).
+                async with asyncio.timeout_at(deadline):
+                    event = await anext(events)
             except StopAsyncIteration:
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise RequestTimedOut(
                     f"The request ran longer than this server allows ({self.timeout_s:g} s); "
                     "ask for fewer tokens.") from None
+            yield event
 
     async def events(self) -> AsyncIterator[Event]:
         m, model = self.metrics, self.model

@@ -230,30 +230,43 @@ class Scheduler:
 
     def _step(self) -> None:
         """Fill one batch, decode it, sample every choice that has logits in it."""
+        # Each running choice's next token, then prompt chunks up to the batch size, first
+        # come first served.
+        decoding = [(job, c) for job in self._running if not job.prefilling
+                    for c in job.choices if c.finish is None]
+        budget = self.config.batch_tokens - len(decoding)
+        chunks: list[tuple[Job, int]] = []
+        for job in self._running:
+            if job.prefilling and budget > 0:
+                size = min(len(job.tokens) - job.prefilled, budget)
+                chunks.append((job, size))
+                budget -= size
+        # In ascending sequence order: with a KV stream per sequence, llama.cpp decodes
+        # consecutive sequence ids in one ubatch and splits the batch at every gap or reversal.
+        entries: list[tuple[int, Job, Choice | None, int]] = \
+            [(c.seq_id, job, c, 1) for job, c in decoding] + \
+            [(job.choices[0].seq_id, job, None, size) for job, size in chunks]
+        entries.sort(key=lambda entry: entry[0])
         rows: list[tuple[Job, Choice, int]] = []
         n = 0
-        for job in self._running:
-            for choice in job.choices:
-                if choice.finish is None and not job.prefilling:
-                    self._put(n, choice.next_token, choice.pos, [choice.seq_id], True)
-                    choice.pos += 1
-                    choice.fed.append(choice.next_token)
-                    rows.append((job, choice, n))
-                    n += 1
-        prefilled: list[Job] = []
-        for job in self._running:
-            if job.prefilling and n < self.config.batch_tokens:
-                n = self._put_prompt_chunk(job, n, rows)
-                if not job.prefilling:
-                    prefilled.append(job)
+        for _, job, choice, size in entries:
+            if choice is not None:
+                self._put(n, choice.next_token, choice.pos, [choice.seq_id], True)
+                choice.pos += 1
+                choice.fed.append(choice.next_token)
+                rows.append((job, choice, n))
+                n += 1
+            else:
+                n = self._put_prompt_chunk(job, n, size, rows)
         self._batch.n_tokens = n
         status = lc.llama_decode(self.ctx, self._batch)
         self._metrics.decoded(len(rows))
         if status != 0:
             self._fail_batch(rows, status)
             return
-        for job in prefilled:
-            self._share_prompt(job)
+        for job, _ in chunks:
+            if not job.prefilling:
+                self._share_prompt(job)
         for job, choice, index in rows:
             self._advance(job, choice, choice.sampler.sample(self.ctx, index))
         for job in list(self._running):
@@ -270,13 +283,14 @@ class Scheduler:
             batch.seq_id[i][k] = seq
         batch.logits[i] = logits
 
-    def _put_prompt_chunk(self, job: Job, n: int, rows: list[tuple[Job, Choice, int]]) -> int:
-        """Add as much of `job`'s prompt as the batch holds; its last token yields logits."""
+    def _put_prompt_chunk(self, job: Job, n: int, size: int,
+                          rows: list[tuple[Job, Choice, int]]) -> int:
+        """Add the next `size` tokens of `job`'s prompt; its last token yields logits."""
         # Separate KV streams cannot share cells: the first choice reads the prompt and the
         # others get a copy of its stream once it is read (_share_prompt).
         seqs = [c.seq_id for c in job.choices] if self.config.kv_unified \
             else [job.choices[0].seq_id]
-        end = min(len(job.tokens), job.prefilled + self.config.batch_tokens - n)
+        end = job.prefilled + size
         for pos in range(job.prefilled, end):
             last = pos == len(job.tokens) - 1
             self._put(n, job.tokens[pos], pos, seqs, last)

@@ -29,6 +29,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+# A cached prefix shorter than this (or than half the prompt) is not worth taking a slot out of
+# order for: re-reading it costs less than splitting the batch.
+MIN_REUSE = 32
+
+
 class SlotPool:
     """Hands out sequence ids; owned and called by the scheduler thread only."""
 
@@ -47,20 +52,24 @@ class SlotPool:
     def acquire(self, prompt: list[int], n: int) -> tuple[list[int], int]:
         """Take `n` idle slots for `prompt`: (their seq ids, prompt tokens already in KV).
 
-        At least the prompt's last token is always decoded again, for its logits. Without
-        shared cells only the first slot keeps the prefix; the scheduler copies the whole
-        prompt to the others once it is read.
+        The slot caching the longest prefix of the prompt is reused when that prefix is worth
+        it; otherwise the lowest free ids are taken, so that running sequences stay
+        consecutive (llama.cpp decodes consecutive sequences of separate KV streams in one
+        ubatch) and the caches in higher slots live longer. At least the prompt's last token is
+        always decoded again, for its logits. Without shared cells only the first slot keeps
+        the prefix; the scheduler copies the whole prompt to the others once it is read.
         """
-        idle = self.idle
-        primary = max(idle, key=lambda s: common_prefix(s.cached, prompt))
-        reused = min(common_prefix(primary.cached, prompt), len(prompt) - 1)
-        self._truncate(primary, reused)
-        others = sorted((s for s in idle if s is not primary), key=lambda s: len(s.cached))
-        taken = [primary, *others[:n - 1]]
+        idle = self.idle  # in id order
+        best = max(idle, key=lambda s: common_prefix(s.cached, prompt))
+        reused = min(common_prefix(best.cached, prompt), len(prompt) - 1)
+        if reused < min(MIN_REUSE, len(prompt) // 2):
+            best, reused = idle[0], 0
+        self._truncate(best, reused)
+        taken = [best, *[s for s in idle if s is not best][:n - 1]]
         for slot in taken[1:]:
             self._truncate(slot, 0)
             if reused and self._share_cells:
-                lc.llama_memory_seq_cp(self._memory, primary.seq_id, slot.seq_id, 0, reused)
+                lc.llama_memory_seq_cp(self._memory, best.seq_id, slot.seq_id, 0, reused)
                 slot.cached = prompt[:reused]
         for slot in taken:
             slot.busy = True
