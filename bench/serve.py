@@ -8,8 +8,8 @@ prompt starts with a unique number so no server can answer from a prompt cache.
 
     .venv/bin/python bench/serve.py --llama-server /path/to/llama-server
 
-Prints one table (ratios of ggserve to each peer) and, with --write, updates
-docs/benchmarks.md.
+Prints one table (ratios of ggserve to each peer) and, with --write, replaces the table
+for --label (cpu by default) in docs/benchmarks.md, keeping the notes around it.
 """
 
 from __future__ import annotations
@@ -229,7 +229,9 @@ def main() -> None:
     parser.add_argument("--servers", default="ggserve,llama-server,llama-cpp-python")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per server, in alternating order; the table shows medians")
-    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--write", action="store_true",
+                        help="replace the table for --label in docs/benchmarks.md")
+    parser.add_argument("--label", default="cpu", help="which table --write replaces (cpu, gpu)")
     args = parser.parse_args()
     if args.model is None:
         from server.registry import Registry
@@ -258,12 +260,20 @@ def main() -> None:
     print()
     print(report)
     if args.write:
-        (ROOT / "docs").mkdir(exist_ok=True)
-        stamp = time.strftime("%Y-%m-%d")
-        (ROOT / "docs" / "benchmarks.md").write_text(
-            "# Benchmarks\n\nLatest run of `bench/serve.py` "
-            f"({stamp}):\n\n{report}\nReproduce: see the docstring of bench/serve.py.\n")
+        write_report(args.label, f"Latest run ({time.strftime('%Y-%m-%d')}): {report}")
 
+
+def write_report(label: str, report: str) -> None:
+    """Replace this label's table in docs/benchmarks.md, keeping everything else written there."""
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- bench:{label} -->", f"<!-- /bench:{label} -->"
+    block = f"{start}\n{report.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## {label}\n\n{block}\n"
+    path.write_text(text)
 
 if __name__ == "__main__":
     main()

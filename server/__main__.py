@@ -14,9 +14,11 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from sse_starlette.sse import AppStatus
 
+from server import hub
 from server.app import create_app
-from server.errors import RegistryError
+from server.errors import ModelLoadFailed, RegistryError, ServerError
 from server.logs import configure_logging
+from server.registry import Registry
 from server.settings import Settings
 
 log = logging.getLogger("server")
@@ -45,8 +47,11 @@ def _parse(argv: list[str]) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pull"]:
+        sys.exit(pull(argv[1:]))
     try:
-        settings = Settings(**_parse(sys.argv[1:] if argv is None else argv))  # type: ignore[arg-type]
+        settings = Settings(**_parse(argv))  # type: ignore[arg-type]
     except ValidationError as exc:
         sys.exit(f"invalid settings: {exc}")
     configure_logging(settings.log_level, settings.log_format)
@@ -58,6 +63,35 @@ def main(argv: list[str] | None = None) -> None:
                             log_level=settings.log_level, log_config=None, access_log=False,
                             timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)))
     DrainingServer(config, app, settings.drain_s).run()
+
+
+def pull(argv: list[str]) -> int:
+    """`python -m server pull ID[:QUANT]...`: download registry models ahead of serving."""
+    parser = argparse.ArgumentParser(prog="python -m server pull",
+                                     description="Download registry models from the Hub "
+                                                 "(resuming a partial download).")
+    parser.add_argument("models", nargs="+", help="registry ids, optionally id:QUANT")
+    parser.add_argument("--models-file", type=Path, help="the registry (default models.yaml)")
+    args = parser.parse_args(argv)
+    settings = Settings(**({"models_file": args.models_file} if args.models_file else {}))
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        registry = Registry.load(settings.models_file, settings.templates_dir,
+                                 settings.models_dir)
+        for model in args.models:
+            spec = registry.get(model)
+            target = registry.local_file(spec)
+            if target.is_file():
+                log.info("%s: already at %s", spec.id, target)
+            elif spec.repo is None:
+                raise ModelLoadFailed(f"{spec.id}: its file is missing and it names no 'repo' "
+                                      "to download it from")
+            else:
+                hub.download(spec.repo, spec.file_name, target, show_bar=True)
+    except (RegistryError, ServerError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
 
 
 class DrainingServer(uvicorn.Server):

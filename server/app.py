@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,14 +16,18 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import chat, completions, health, models
+from server.api import admin, chat, completions, health, models
+from server.api.admin import reload_registry
 from server.api.errors import install_error_handlers
 from server.api.security import BodySizeLimit, require_api_key
 from server.engine.base import Engine
+from server.errors import RegistryError
 from server.logs import REQUEST_ID
 from server.metrics import Metrics
 from server.registry import Registry
 from server.settings import Settings, load_api_keys
+
+log = logging.getLogger("server")
 
 
 def create_app(settings: Settings, engine: Engine | None = None,
@@ -37,6 +45,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.engine.start()
         app.state.accepting = True
+        _reload_on_sighup(app)
         try:
             yield
         finally:
@@ -52,7 +61,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
     app.state.api_keys = load_api_keys(settings)
     install_error_handlers(app)
     guarded = [Depends(require_api_key)]
-    for module in (chat, completions, models):
+    for module in (chat, completions, models, admin):
         app.include_router(module.router, dependencies=guarded)
     app.include_router(health.router)
     app.include_router(health.metrics_router,
@@ -66,6 +75,20 @@ def create_app(settings: Settings, engine: Engine | None = None,
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     return app
+
+
+def _reload_on_sighup(app: FastAPI) -> None:
+    """SIGHUP re-reads models.yaml (a bad file is logged and the old registry stays)."""
+
+    async def reload() -> None:
+        try:
+            await reload_registry(app)
+        except RegistryError as exc:
+            log.error("models.yaml was not reloaded: %s", exc)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
 
 
 def _openapi_without_422(app: FastAPI) -> dict[str, Any]:

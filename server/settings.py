@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.durations import parse_duration
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +54,13 @@ class Settings(BaseSettings):
     threads: int = Field(default_factory=_default_threads, ge=1)
     cpu_repack: Literal["auto", "on", "off"] = "auto"
     max_waiting: int = Field(256, ge=1, description="queued requests per model before 503")
+    # --- residency: models load on first use and stay while they fit ---
+    keep_alive: float = Field(-1.0, description="seconds an idle model stays loaded (-1: forever)")
+    memory_budget: int | None = Field(
+        None, ge=0, description="bytes of RAM for loaded models (default 80% of the machine's)")
+    vram_budget: int | None = Field(
+        None, ge=0, description="bytes of VRAM for loaded models (default: free VRAM at start)")
+    max_loaded_models: int = Field(0, ge=0, description="most models loaded at once (0: any)")
     # --- limits on what one request may ask ---
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_tokens_limit: int | None = Field(None, ge=1, description="cap on max_tokens")
@@ -69,3 +78,8 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value) if isinstance(value, int | float | str) else -1.0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from server.durations import parse_duration
 from server.errors import ModelNotFound, RegistryError
 from server.registry import Registry
 from server.settings import PROJECT_ROOT, Settings
@@ -92,3 +93,27 @@ def test_default_must_exist_and_unknown_model_is_404(tmp_path: Path) -> None:
 def test_not_yaml(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="not valid YAML"):
         load(write(tmp_path, "models: [\n"))
+
+
+def test_gpu_layers_and_keep_alive_forms(tmp_path: Path) -> None:
+    registry = load(write(tmp_path, "models:\n  a:\n    path: m.gguf\n    n_gpu_layers: auto\n"
+                                    "    keep_alive: 5m\n  b:\n    path: m.gguf\n"
+                                    "    n_gpu_layers: 12\n    keep_alive: -1\n"))
+    assert registry.get("a").n_gpu_layers == "auto" and registry.get("a").keep_alive == 300
+    assert registry.get("b").n_gpu_layers == 12 and registry.get("b").keep_alive == -1
+    for bad, field in [("n_gpu_layers: -2", "n_gpu_layers"), ("n_gpu_layers: most", "n_gpu_layers"),
+                       ("keep_alive: soon", "keep_alive")]:
+        with pytest.raises(RegistryError, match=f"model 'a'.*{field}"):
+            load(write(tmp_path, f"models:\n  a:\n    path: m.gguf\n    {bad}\n"))
+
+
+@pytest.mark.parametrize(("given", "seconds"), [
+    (30, 30.0), ("-1", -1.0), ("0", 0.0), ("90s", 90.0), ("5m", 300.0), ("1h30m", 5400.0),
+    ("250ms", 0.25), ("-1m", -60.0)])
+def test_durations(given: float | str, seconds: float) -> None:
+    assert parse_duration(given) == seconds
+
+
+def test_a_bad_duration_says_what_is_accepted() -> None:
+    with pytest.raises(ValueError, match="'5m'"):
+        parse_duration("five minutes")

@@ -1,27 +1,64 @@
-"""GET /v1/models and /v1/models/{id}."""
+"""GET /v1/models (every registry entry and where it stands), POST /models/load and /unload."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter
 
 from server.api.deps import EngineDep, RegistryDep
-from server.api.schemas import ERROR_RESPONSES, Model, ModelList
+from server.api.schemas import (
+    ERROR_RESPONSES,
+    DownloadProgress,
+    LoadRequest,
+    Model,
+    ModelList,
+    Placement,
+)
+from server.engine.base import Engine
+from server.registry import ModelSpec
 
 router = APIRouter()
 _STARTED = int(time.time())
+_GUARDED: dict[int | str, dict[str, Any]] = {401: ERROR_RESPONSES[401],
+                                              404: ERROR_RESPONSES[404]}
 
 
 @router.get("/v1/models", responses={401: ERROR_RESPONSES[401]})
 async def list_models(registry: RegistryDep, engine: EngineDep) -> ModelList:
-    loaded = set(engine.loaded())
-    return ModelList(data=[Model(id=spec.id, created=_STARTED, loaded=spec.id in loaded)
-                           for spec in registry])
+    return ModelList(data=[_describe(spec, engine) for spec in registry])
 
 
-@router.get("/v1/models/{model_id:path}",
-            responses={401: ERROR_RESPONSES[401], 404: ERROR_RESPONSES[404]})
+@router.get("/v1/models/{model_id:path}", responses=_GUARDED)
 async def retrieve_model(model_id: str, registry: RegistryDep, engine: EngineDep) -> Model:
-    spec = registry.get(model_id)
-    return Model(id=spec.id, created=_STARTED, loaded=spec.id in engine.loaded())
+    return _describe(registry.get(model_id), engine)
+
+
+@router.post("/models/load", responses=_GUARDED)
+async def load_model(body: LoadRequest, registry: RegistryDep, engine: EngineDep) -> Model:
+    """Load a model now (downloading it first if needed); returns once it is loaded."""
+    spec = registry.get(body.model)
+    await engine.load(spec.id)
+    return _describe(spec, engine)
+
+
+@router.post("/models/unload", responses=_GUARDED)
+async def unload_model(body: LoadRequest, registry: RegistryDep, engine: EngineDep) -> Model:
+    """Unload a model now, or as soon as the requests it is serving finish."""
+    spec = registry.get(body.model)
+    await engine.unload(spec.id)
+    return _describe(spec, engine)
+
+
+def _describe(spec: ModelSpec, engine: Engine) -> Model:
+    status = engine.status(spec.id)
+    loaded = status.state == "loaded"
+    return Model(
+        id=spec.id, created=_STARTED, loaded=loaded, status=status.state, error=status.error,
+        download=DownloadProgress(downloaded=status.downloaded, total=status.download_size)
+        if status.downloaded is not None else None,
+        quant=spec.quant, quants=list(spec.quants), n_ctx=status.n_ctx or spec.n_ctx,
+        placement=Placement(device=status.device, gpu_layers=status.gpu_layers,
+                            n_layers=status.n_layer, memory_ram_bytes=status.memory_ram,
+                            memory_vram_bytes=status.memory_vram) if loaded else None)

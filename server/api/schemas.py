@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.engine.base import GenerationRequest, SamplingParams, Usage
+from server.durations import parse_duration
+from server.engine.base import GenerationRequest, ModelState, SamplingParams, Usage
 from server.errors import InvalidRequest
 from server.prompts import Prompt
 from server.registry import ModelSpec
@@ -46,6 +47,15 @@ class _GenerationRequest(_Request):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(None, gt=0.0)
+    # --- extension (as Ollama): how long the model stays loaded after this request ---
+    keep_alive: float | str | None = Field(
+        None, description="seconds or a duration ('5m'); -1 keeps the model loaded, 0 unloads "
+                          "it after this request")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, value: float | str | None) -> float | None:
+        return None if value is None else parse_duration(value)
 
     @field_validator("stop")
     @classmethod
@@ -95,7 +105,8 @@ class _GenerationRequest(_Request):
         return GenerationRequest(
             model=spec.id, prompt=prompt, sampling=sampling,
             max_tokens=pick(self._max_tokens(), d.max_tokens),
-            stop=tuple(self.stop or ()), n=self.n)
+            stop=tuple(self.stop or ()), n=self.n,
+            keep_alive=None if self.keep_alive is None else float(self.keep_alive))
 
     def _token_bias(self) -> dict[int, float]:
         bias: dict[int, float] = {}
@@ -294,8 +305,34 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ggserve"
-    # --- extensions ---
+    # --- extensions: where the model stands in this server ---
     loaded: bool = False
+    status: ModelState = "available"
+    error: str | None = None  # why the last load failed
+    download: DownloadProgress | None = None
+    quant: str | None = None
+    quants: list[str] = Field(default_factory=list)
+    n_ctx: int | None = None
+    placement: Placement | None = None  # set while loaded
+
+
+class DownloadProgress(BaseModel):
+    downloaded: int
+    total: int | None
+
+
+class Placement(BaseModel):
+    device: str  # "cpu" or the GPU (e.g. "CUDA0")
+    gpu_layers: int
+    n_layers: int
+    memory_ram_bytes: int
+    memory_vram_bytes: int
+
+
+class LoadRequest(_Request):
+    """POST /models/load and /models/unload, as llama-server's router mode takes them."""
+
+    model: str
 
 
 class ModelList(BaseModel):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from server.prompts import Prompt
+
+if TYPE_CHECKING:
+    from server.registry import Registry
 
 FinishReason = Literal["stop", "length"]
 
@@ -36,6 +39,7 @@ class GenerationRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     n: int = 1
+    keep_alive: float | None = None  # seconds the model stays loaded after this request
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,25 @@ class ModelInfo:
     eos_token: str
 
 
+ModelState = Literal["available", "downloading", "loading", "loaded", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """Where a registry model stands: on disk or not, loading, loaded (and where), or failed."""
+
+    state: ModelState
+    error: str | None = None  # why the last load failed
+    downloaded: int | None = None  # bytes so far, while downloading
+    download_size: int | None = None
+    n_ctx: int | None = None
+    device: str = "cpu"  # "cpu", or the GPU backend's name (e.g. "CUDA0")
+    gpu_layers: int = 0
+    n_layer: int = 0
+    memory_ram: int = 0  # bytes this model takes, when loaded
+    memory_vram: int = 0
+
+
 class GenerationStream(Protocol):
     """The events of one admitted request; `cancel()` stops its generation at the next step."""
 
@@ -99,6 +122,22 @@ class Engine(Protocol):
     def overloaded(self) -> bool: ...
 
     async def model_info(self, model: str) -> ModelInfo: ...
+
+    def status(self, model: str) -> ModelStatus:
+        """Where registry entry `model` stands now."""
+        ...
+
+    async def load(self, model: str) -> ModelStatus:
+        """Load `model` now (downloading it first if needed)."""
+        ...
+
+    async def unload(self, model: str) -> ModelStatus:
+        """Unload `model` now, or once its running requests finish."""
+        ...
+
+    async def use_registry(self, registry: Registry) -> None:
+        """Serve from `registry` from now on; loaded models it changed or dropped unload."""
+        ...
 
     async def generate(self, request: GenerationRequest) -> GenerationStream:
         """Admit `request` (raising typed errors before any output) and return its events."""

@@ -12,12 +12,14 @@ from server.engine.base import (
     FinishReason,
     GenerationRequest,
     ModelInfo,
+    ModelStatus,
     TextDelta,
     Usage,
 )
 from server.engine.textstream import StopTextStream
 from server.errors import ModelNotFound
 from server.prompts import prompt_text
+from server.registry import Registry
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -54,6 +56,20 @@ class FakeEngine:
 
     def overloaded(self) -> bool:
         return self.full
+
+    def status(self, model: str) -> ModelStatus:
+        if model not in self.models:
+            raise ModelNotFound(model, list(self.models))
+        return ModelStatus("loaded", n_ctx=self.n_ctx)
+
+    async def load(self, model: str) -> ModelStatus:
+        return self.status(model)
+
+    async def unload(self, model: str) -> ModelStatus:
+        return self.status(model)
+
+    async def use_registry(self, registry: Registry) -> None:
+        return None
 
     async def model_info(self, model: str) -> ModelInfo:
         if model not in self.models:

@@ -1,12 +1,32 @@
-"""The llama.cpp engine: loads registry models on demand, one Scheduler per loaded model."""
+"""The llama.cpp engine: registry models load on first use (downloaded if need be) and stay
+resident while they fit the memory budget; the least recently used idle one makes room.
+
+Each loaded model has its own Scheduler thread. A model with requests running is never
+unloaded; an idle one unloads after its keep_alive, when the budget needs its memory, when an
+admin unloads it, or when a registry reload changes its entry.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from server.engine.base import GenerationRequest, GenerationStream, ModelInfo
+from server import hub
+from server.engine.base import (
+    Event,
+    GenerationRequest,
+    GenerationStream,
+    ModelInfo,
+    ModelStatus,
+)
+from server.engine.devices import Placement, gpu_present, gpus, place
+from server.engine.ggufmeta import GGUFInfo, read_gguf
 from server.engine.native import (
     NativeModel,
     build_has_amx,
@@ -16,6 +36,7 @@ from server.engine.native import (
     system_info,
 )
 from server.engine.scheduler import ContextConfig, Scheduler
+from server.errors import ModelLoadFailed, ServerOverloaded
 from server.metrics import Metrics
 from server.registry import ModelSpec, Registry, RopeSpec
 from server.settings import Settings
@@ -25,66 +46,267 @@ log = logging.getLogger("server.engine")
 # Without an n_ctx in its entry a model gets its training context, capped here: KV memory grows
 # with n_ctx * parallel, and 32K-context models would otherwise reserve gigabytes on a laptop.
 DEFAULT_CTX_CAP = 8192
+GIB = 1 << 30
+
+@dataclass(eq=False)
+class Resident:
+    """A loaded model: its scheduler, what it takes, and who is using it."""
+
+    spec: ModelSpec
+    scheduler: Scheduler
+    info: ModelInfo
+    placement: Placement
+    device: str
+    active: int = 0  # requests admitted and not finished
+    last_used: float = field(default_factory=time.monotonic)
+    expiry: asyncio.TimerHandle | None = None
+    stale: bool = False  # its registry entry changed: unload once idle
+
+
+@dataclass
+class _Pending:
+    state: str  # "downloading" or "loading"
+    downloaded: int | None = None
+    size: int | None = None
 
 
 class LlamaEngine:
-    """Serves registry models with llama.cpp; every model has its own scheduler thread."""
+    """Serves registry models with llama.cpp within a RAM/VRAM budget."""
 
     def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
         self.registry = registry
         self.metrics = metrics
         self.settings = settings
-        self._loaded: dict[str, tuple[Scheduler, ModelInfo]] = {}
+        self._resident: dict[str, Resident] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._budget_lock = asyncio.Lock()  # one load at a time claims memory
+        self._gpus: list[Any] = []
+        self.ram_budget = 0
+        self.vram_budget = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         await asyncio.to_thread(init_backend)
-        backend = "GPU offload" if gpu_offload_supported() else "CPU only"
+        self._gpus = await asyncio.to_thread(gpus) if gpu_offload_supported() else []
+        self.ram_budget = self.settings.memory_budget or int(_total_ram() * 0.8)
+        self.vram_budget = self.settings.vram_budget if self.settings.vram_budget is not None \
+            else sum(g.free for g in self._gpus)
+        self._log_backend()
+        for model in dict.fromkeys([self.registry.default, *self.settings.preload]):
+            try:
+                await self.load(model)
+            except Exception as exc:  # the server still serves the other models
+                log.error("model %s could not be loaded at start: %s", model, exc)
+
+    def _log_backend(self) -> None:
         repack = repack_enabled(self.settings.cpu_repack)
-        log.info("llama.cpp backend: %s; CPU weight repacking %s%s", backend,
+        where = ", ".join(f"{g.name} ({g.description}, {g.free / GIB:.1f} of "
+                          f"{g.total / GIB:.1f} GiB free)" for g in self._gpus)
+        log.info("llama.cpp backend: %s; CPU weight repacking %s%s; memory budget %.1f GiB RAM"
+                 "%s", f"GPU offload to {where}" if self._gpus else "CPU only",
                  "on" if repack else "off",
                  " (this build has AMX kernels, whose repacking crashes)" if build_has_amx()
-                 and not repack else "")
+                 and not repack else "", self.ram_budget / GIB,
+                 f", {self.vram_budget / GIB:.1f} GiB VRAM" if self._gpus else "")
+        if not self._gpus and gpu_present():
+            log.warning("this host has an NVIDIA GPU but llama.cpp was built without CUDA: "
+                        "models run on the CPU. Reinstall llama-cpp-python with "
+                        "CMAKE_ARGS=\"-DGGML_CUDA=on\" (see README, GPU)")
         log.debug("llama.cpp system info: %s", system_info())
-        for model in dict.fromkeys([self.registry.default, *self.settings.preload]):
-            await self._load(model)
 
     async def stop(self) -> None:
-        loaded, self._loaded = self._loaded, {}
-        for scheduler, _ in loaded.values():
-            await asyncio.to_thread(scheduler.close)
-            await asyncio.to_thread(scheduler.model.close)
+        for resident in list(self._resident.values()):
+            await self._unload(resident)
+
+    # ---- what the API asks ----------------------------------------------------------------
 
     def loaded(self) -> list[str]:
-        return list(self._loaded)
-
-    async def model_info(self, model: str) -> ModelInfo:
-        return (await self._load(model))[1]
-
-    async def generate(self, request: GenerationRequest) -> GenerationStream:
-        scheduler, _ = await self._load(request.model)
-        return scheduler.submit(request, asyncio.get_running_loop())
-
-    async def _load(self, model: str) -> tuple[Scheduler, ModelInfo]:
-        spec = self.registry.get(model)
-        if model in self._loaded:
-            return self._loaded[model]
-        async with self._locks.setdefault(model, asyncio.Lock()):
-            if model not in self._loaded:
-                self._loaded[model] = await asyncio.to_thread(self._load_blocking, spec)
-                self.metrics.models_loaded.set(len(self._loaded))
-        return self._loaded[model]
+        return list(self._resident)
 
     def overloaded(self) -> bool:
         """True when some model's queue is full (new requests to it would get a 503)."""
-        return any(s.waiting >= s.config.max_waiting for s, _ in self._loaded.values())
+        return any(r.scheduler.waiting >= r.scheduler.config.max_waiting
+                   for r in self._resident.values())
 
-    def _load_blocking(self, spec: ModelSpec) -> tuple[Scheduler, ModelInfo]:
-        path = self.registry.local_file(spec)
-        log.info("loading model %s from %s", spec.id, path)
-        model = NativeModel(path, n_gpu_layers=spec.n_gpu_layers,
+    async def model_info(self, model: str) -> ModelInfo:
+        resident = await self._acquire(model)
+        self._release(resident, None)
+        return resident.info
+
+    async def generate(self, request: GenerationRequest) -> GenerationStream:
+        resident = await self._acquire(request.model)
+        try:
+            stream = resident.scheduler.submit(request, asyncio.get_running_loop())
+        except BaseException:
+            self._release(resident, request.keep_alive)
+            raise
+        return _Tracked(stream, lambda: self._release(resident, request.keep_alive))
+
+    def status(self, model: str) -> ModelStatus:
+        spec = self.registry.get(model)
+        if (resident := self._resident.get(spec.id)) is not None:
+            p = resident.placement
+            return ModelStatus("loaded", n_ctx=resident.info.n_ctx, device=resident.device,
+                               gpu_layers=p.gpu_layers, n_layer=p.n_layer, memory_ram=p.ram,
+                               memory_vram=p.vram)
+        if (pending := self._pending.get(spec.id)) is not None:
+            return ModelStatus(pending.state, downloaded=pending.downloaded,  # type: ignore[arg-type]
+                               download_size=pending.size, n_ctx=spec.n_ctx)
+        if spec.id in self._errors:
+            return ModelStatus("failed", error=self._errors[spec.id], n_ctx=spec.n_ctx)
+        return ModelStatus("available", n_ctx=spec.n_ctx)
+
+    async def load(self, model: str) -> ModelStatus:
+        self._release(await self._acquire(model), None)
+        return self.status(model)
+
+    async def unload(self, model: str) -> ModelStatus:
+        spec = self.registry.get(model)
+        resident = self._resident.get(spec.id)
+        if resident is not None:
+            if resident.active:
+                resident.stale = True  # goes when its last request ends
+            else:
+                await self._unload(resident)
+        return self.status(model)
+
+    async def use_registry(self, registry: Registry) -> None:
+        self.registry = registry
+        for resident in list(self._resident.values()):
+            if _base_spec(registry, resident.spec) != resident.spec:
+                resident.stale = True
+                if not resident.active:
+                    await self._unload(resident)
+        self._errors.clear()
+
+    # ---- residency ------------------------------------------------------------------------
+
+    async def _acquire(self, model: str) -> Resident:
+        """The loaded model for `model`, loading it first if need be; counts a user of it."""
+        spec = self.registry.get(model)
+        resident = self._resident.get(spec.id)
+        if resident is None:
+            async with self._locks.setdefault(spec.id, asyncio.Lock()):
+                resident = self._resident.get(spec.id) or await self._load(spec)
+        resident.active += 1
+        if resident.expiry is not None:
+            resident.expiry.cancel()
+            resident.expiry = None
+        return resident
+
+    def _release(self, resident: Resident, keep_alive: float | None) -> None:
+        resident.active -= 1
+        resident.last_used = time.monotonic()
+        if resident.active or resident not in self._resident.values():
+            return
+        if keep_alive is None:
+            keep_alive = resident.spec.keep_alive
+        if keep_alive is None:
+            keep_alive = self.settings.keep_alive
+        if resident.stale or keep_alive == 0:  # unless a request takes it first
+            asyncio.get_running_loop().create_task(self._unload_if_idle(resident))
+        elif keep_alive > 0:
+            resident.expiry = asyncio.get_running_loop().call_later(
+                keep_alive, lambda: asyncio.ensure_future(self._unload_if_idle(resident)))
+
+    async def _unload_if_idle(self, resident: Resident) -> None:
+        if not resident.active:
+            await self._unload(resident)
+
+    async def _unload(self, resident: Resident) -> None:
+        if self._resident.get(resident.spec.id) is not resident:
+            return
+        del self._resident[resident.spec.id]
+        if resident.expiry is not None:
+            resident.expiry.cancel()
+        await asyncio.to_thread(resident.scheduler.close)
+        await asyncio.to_thread(resident.scheduler.model.close)
+        for kind in ("weights", "kv_cache"):
+            for device in ("cpu", "gpu"):
+                with contextlib.suppress(KeyError):
+                    self.metrics.model_memory.remove(resident.spec.id, kind, device)
+        self.metrics.models_loaded.set(len(self._resident))
+        log.info("model %s unloaded", resident.spec.id)
+
+    async def _load(self, spec: ModelSpec) -> Resident:
+        self._errors.pop(spec.id, None)
+        try:
+            path = self.registry.local_file(spec)
+            if spec.repo and not path.is_file():
+                await self._download(spec, path)
+            self._pending[spec.id] = _Pending("loading")
+            gguf = await asyncio.to_thread(read_gguf, path)
+            async with self._budget_lock:
+                n_ctx = spec.n_ctx or min(gguf.n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
+                plan = self._place(spec, gguf, n_ctx)
+                await self._make_room(spec, plan)
+                resident = await asyncio.to_thread(self._load_blocking, spec, path, plan, n_ctx,
+                                                   gguf)
+                self._resident[spec.id] = resident
+            self.metrics.models_loaded.set(len(self._resident))
+            return resident
+        except ModelLoadFailed as exc:
+            self._errors[spec.id] = exc.message
+            raise
+        finally:
+            self._pending.pop(spec.id, None)
+
+    async def _download(self, spec: ModelSpec, path: Path) -> None:
+        pending = self._pending[spec.id] = _Pending("downloading")
+
+        def progress(done: int, size: int | None) -> None:
+            pending.downloaded, pending.size = done, size
+
+        log.info("downloading %s/%s for model %s", spec.repo, spec.file_name, spec.id)
+        await asyncio.to_thread(hub.download, str(spec.repo), spec.file_name, path, progress)
+
+    def _place(self, spec: ModelSpec, gguf: GGUFInfo, n_ctx: int) -> Placement:
+        free = self.vram_budget - sum(r.placement.vram for r in self._resident.values())
+        requested: int | str = spec.n_gpu_layers if self._gpus else 0
+        return place(gguf, requested, n_ctx * self.settings.parallel, free)
+
+    async def _make_room(self, spec: ModelSpec, plan: Placement) -> None:
+        """Unload idle models, least recently used first, until `plan` fits the budget."""
+        if plan.ram > self.ram_budget:
+            raise ModelLoadFailed(
+                f"model '{spec.id}' needs {plan.ram / GIB:.2f} GiB of RAM, more than the memory "
+                f"budget of {self.ram_budget / GIB:.2f} GiB: raise GGSERVE_MEMORY_BUDGET, lower "
+                "its n_ctx or pick a smaller quant")
+
+        def crowded() -> bool:
+            used = self._resident.values()
+            return (sum(r.placement.ram for r in used) + plan.ram > self.ram_budget
+                    or (plan.vram > 0 and
+                        sum(r.placement.vram for r in used) + plan.vram > self.vram_budget)
+                    or 0 < self.settings.max_loaded_models <= len(self._resident))
+
+        while crowded():
+            idle = sorted((r for r in self._resident.values() if not r.active),
+                          key=lambda r: r.last_used)
+            if not self._resident:
+                raise ModelLoadFailed(
+                    f"model '{spec.id}' needs {plan.vram / GIB:.2f} GiB of VRAM, more than the "
+                    f"budget of {self.vram_budget / GIB:.2f} GiB: set n_gpu_layers to 'auto' or "
+                    "fewer layers, or lower its n_ctx")
+            if not idle:
+                busy = ", ".join(self._resident)
+                raise ServerOverloaded(
+                    f"model '{spec.id}' does not fit beside the loaded models, which are all "
+                    f"serving requests ({busy}); retry shortly")
+            log.info("unloading %s (least recently used) to make room for %s", idle[0].spec.id,
+                     spec.id)
+            await self._unload(idle[0])
+
+    def _load_blocking(self, spec: ModelSpec, path: Path, plan: Placement, n_ctx: int,
+                       gguf: GGUFInfo) -> Resident:
+        log.info("loading model %s from %s (%d of %d layers on the GPU)", spec.id, path,
+                 plan.gpu_layers, plan.n_layer)
+        layers = -1 if plan.all_on_gpu else plan.gpu_layers
+        model = NativeModel(path, n_gpu_layers=layers,
                             repack=repack_enabled(self.settings.cpu_repack))
-        n_ctx = spec.n_ctx or min(model.n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
         if model.n_ctx_train and n_ctx > model.n_ctx_train and spec.rope == RopeSpec():
             log.warning("model %s: n_ctx %d is beyond its training context %d and no RoPE "
                         "scaling is set in models.yaml; output may degrade past %d tokens",
@@ -106,14 +328,59 @@ class LlamaEngine:
             chat_template=None if spec.chat_template_off else (
                 self.registry.template_source(spec) or model.meta("tokenizer.chat_template")),
             bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos))
-        log.info("model %s ready: context %d tokens per request, %d in parallel", spec.id,
-                 n_ctx, config.parallel)
-        device = "gpu" if gpu_offload_supported() and spec.n_gpu_layers != 0 else "cpu"
+        device = self._gpus[0].name if plan.gpu_layers and self._gpus else "cpu"
+        log.info("model %s ready on %s: context %d tokens per request, %d in parallel, "
+                 "%.2f GiB RAM + %.2f GiB VRAM", spec.id, device, n_ctx, config.parallel,
+                 plan.ram / GIB, plan.vram / GIB)
         memory = self.metrics.model_memory
-        memory.labels(spec.id, "weights", device).set(model.weights_bytes)
-        memory.labels(spec.id, "kv_cache", device).set(
-            model.kv_bytes_per_token * scheduler.kv_cells)
-        return scheduler, info
+        kv = model.kv_bytes_per_token * scheduler.kv_cells
+        gpu_share = plan.gpu_layers / max(plan.n_layer, 1)
+        weights_gpu = plan.vram - int(kv * gpu_share)
+        memory.labels(spec.id, "weights", "cpu").set(max(gguf.weights_bytes - weights_gpu, 0))
+        memory.labels(spec.id, "kv_cache", "cpu").set(int(kv * (1 - gpu_share)))
+        if plan.vram:
+            memory.labels(spec.id, "weights", "gpu").set(max(weights_gpu, 0))
+            memory.labels(spec.id, "kv_cache", "gpu").set(int(kv * gpu_share))
+        return Resident(spec, scheduler, info, plan, device)
+
+
+class _Tracked:
+    """A generation stream that tells the engine when its request is over."""
+
+    def __init__(self, stream: GenerationStream, on_end: Any) -> None:
+        self._stream = stream
+        self._on_end = on_end
+
+    def _end(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+        self._end()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        try:
+            async for event in self._stream:
+                yield event
+        finally:
+            self._end()
+
+
+def _base_spec(registry: Registry, spec: ModelSpec) -> ModelSpec | None:
+    try:
+        return registry.get(spec.id)
+    except Exception:
+        return None
+
+
+def _total_ram() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 8 * GIB  # pragma: no cover - not Linux
 
 
 def _rope_params(spec: ModelSpec) -> dict[str, Any]:

@@ -20,6 +20,7 @@ _LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WA
            4: logging.ERROR}
 _init_lock = threading.Lock()
 _state: dict[str, Any] = {}
+_load_errors = threading.local()  # llama.cpp's error lines while this thread loads a model
 
 
 @lc.llama_log_callback  # type: ignore[untyped-decorator]
@@ -37,6 +38,9 @@ def _on_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         if "n_ctx_seq" in line and "n_ctx_train" in line:
             level_ = logging.DEBUG
         _native_log.log(logging.DEBUG if level_ == logging.INFO else level_, "%s", line)
+        errors = getattr(_load_errors, "lines", None)
+        if errors is not None and level_ >= logging.ERROR:
+            errors.append(line)
 
 
 def init_backend() -> None:
@@ -80,11 +84,14 @@ class NativeModel:
         params = lc.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 10_000
         params.use_extra_bufts = repack
-        ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        _load_errors.lines = []
+        try:
+            ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        finally:
+            errors, _load_errors.lines = _load_errors.lines, None
         if not ptr:
-            raise ModelLoadFailed(
-                f"llama.cpp could not load {path}: the file is not a complete GGUF or its "
-                "architecture is unknown to this llama.cpp (see the server log)")
+            why = "; ".join(line.split(": ", 1)[-1] for line in errors[-2:]) or "see the log"
+            raise ModelLoadFailed(f"llama.cpp could not load {path.name}: {why}")
         self.ptr = ptr
         self.vocab = lc.llama_model_get_vocab(ptr)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
