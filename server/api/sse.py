@@ -37,4 +37,15 @@ def sse_response(chunks: AsyncIterator[BaseModel], *, on_close: Callable[[], Non
             on_close()
         yield {"data": "[DONE]"}
 
-    return EventSourceResponse(events(), sep="\n", ping=15)
+    return _EventStream(events(), sep="\n", ping=15)
+
+
+class _EventStream(EventSourceResponse):
+    """sse-starlette's response without a cancel scope around every send when there is no
+    send timeout (anyio's scope costs more than the send of a token's chunk)."""
+
+    async def _send_with_timeout(self, send: Any, message: Any) -> None:
+        if self.send_timeout is None:
+            await send(message)
+        else:
+            await super()._send_with_timeout(send, message)

@@ -103,6 +103,8 @@ class _FakeStream:
                 text = StopTextStream(request.stop)
                 reason: FinishReason = "stop"
                 for count, piece in enumerate(engine.script):
+                    if self._cancelled:
+                        return
                     if count == limit:
                         reason = "length"
                         break

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,17 @@ from server.engine.base import (
 )
 from server.engine.devices import Placement, gpu_present, gpus, place
 from server.engine.ggufmeta import GGUFInfo, read_gguf
+from server.engine.loader import GIB, Resident, load_resident
 from server.engine.native import (
-    NativeModel,
     build_has_amx,
     gpu_offload_supported,
     init_backend,
     repack_enabled,
     system_info,
 )
-from server.engine.scheduler import ContextConfig, Scheduler
 from server.errors import ModelLoadFailed, ServerOverloaded
 from server.metrics import Metrics
-from server.registry import ModelSpec, Registry, RopeSpec
+from server.registry import ModelSpec, Registry
 from server.settings import Settings
 
 log = logging.getLogger("server.engine")
@@ -46,22 +45,6 @@ log = logging.getLogger("server.engine")
 # Without an n_ctx in its entry a model gets its training context, capped here: KV memory grows
 # with n_ctx * parallel, and 32K-context models would otherwise reserve gigabytes on a laptop.
 DEFAULT_CTX_CAP = 8192
-GIB = 1 << 30
-
-@dataclass(eq=False)
-class Resident:
-    """A loaded model: its scheduler, what it takes, and who is using it."""
-
-    spec: ModelSpec
-    scheduler: Scheduler
-    info: ModelInfo
-    placement: Placement
-    device: str
-    active: int = 0  # requests admitted and not finished
-    last_used: float = field(default_factory=time.monotonic)
-    expiry: asyncio.TimerHandle | None = None
-    stale: bool = False  # its registry entry changed: unload once idle
-
 
 @dataclass
 class _Pending:
@@ -243,8 +226,10 @@ class LlamaEngine:
                 n_ctx = spec.n_ctx or min(gguf.n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
                 plan = self._place(spec, gguf, n_ctx)
                 await self._make_room(spec, plan)
-                resident = await asyncio.to_thread(self._load_blocking, spec, path, plan, n_ctx,
-                                                   gguf)
+                device = self._gpus[0].name if plan.gpu_layers and self._gpus else "cpu"
+                resident = await asyncio.to_thread(
+                    load_resident, spec, path, plan, n_ctx, gguf, device, self.registry,
+                    self.settings, self.metrics)
                 self._resident[spec.id] = resident
             self.metrics.models_loaded.set(len(self._resident))
             return resident
@@ -300,50 +285,6 @@ class LlamaEngine:
                      spec.id)
             await self._unload(idle[0])
 
-    def _load_blocking(self, spec: ModelSpec, path: Path, plan: Placement, n_ctx: int,
-                       gguf: GGUFInfo) -> Resident:
-        log.info("loading model %s from %s (%d of %d layers on the GPU)", spec.id, path,
-                 plan.gpu_layers, plan.n_layer)
-        layers = -1 if plan.all_on_gpu else plan.gpu_layers
-        model = NativeModel(path, n_gpu_layers=layers,
-                            repack=repack_enabled(self.settings.cpu_repack))
-        if model.n_ctx_train and n_ctx > model.n_ctx_train and spec.rope == RopeSpec():
-            log.warning("model %s: n_ctx %d is beyond its training context %d and no RoPE "
-                        "scaling is set in models.yaml; output may degrade past %d tokens",
-                        spec.id, n_ctx, model.n_ctx_train, model.n_ctx_train)
-        config = ContextConfig(
-            n_ctx=n_ctx, parallel=self.settings.parallel, batch_tokens=self.settings.batch_tokens,
-            threads=self.settings.threads, rope=_rope_params(spec), stop=spec.stop,
-            # Separate streams are n_ctx each; only a shared cache can hold less than that.
-            kv_cells=(self.settings.kv_unified and self.settings.kv_cache_tokens)
-            or n_ctx * self.settings.parallel,
-            max_waiting=self.settings.max_waiting, kv_unified=self.settings.kv_unified)
-        try:
-            scheduler = Scheduler(model, config, spec.id, self.metrics)
-        except Exception:
-            model.close()
-            raise
-        info = ModelInfo(
-            id=spec.id, n_ctx=n_ctx,
-            chat_template=None if spec.chat_template_off else (
-                self.registry.template_source(spec) or model.meta("tokenizer.chat_template")),
-            bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos))
-        device = self._gpus[0].name if plan.gpu_layers and self._gpus else "cpu"
-        log.info("model %s ready on %s: context %d tokens per request, %d in parallel, "
-                 "%.2f GiB RAM + %.2f GiB VRAM", spec.id, device, n_ctx, config.parallel,
-                 plan.ram / GIB, plan.vram / GIB)
-        memory = self.metrics.model_memory
-        kv = model.kv_bytes_per_token * scheduler.kv_cells
-        gpu_share = plan.gpu_layers / max(plan.n_layer, 1)
-        weights_gpu = plan.vram - int(kv * gpu_share)
-        memory.labels(spec.id, "weights", "cpu").set(max(gguf.weights_bytes - weights_gpu, 0))
-        memory.labels(spec.id, "kv_cache", "cpu").set(int(kv * (1 - gpu_share)))
-        if plan.vram:
-            memory.labels(spec.id, "weights", "gpu").set(max(weights_gpu, 0))
-            memory.labels(spec.id, "kv_cache", "gpu").set(int(kv * gpu_share))
-        return Resident(spec, scheduler, info, plan, device)
-
-
 class _Tracked:
     """A generation stream that tells the engine when its request is over."""
 
@@ -381,19 +322,3 @@ def _total_ram() -> int:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) * 1024
     return 8 * GIB  # pragma: no cover - not Linux
-
-
-def _rope_params(spec: ModelSpec) -> dict[str, Any]:
-    """The registry's RoPE overrides as llama_context_params fields."""
-    rope = spec.rope
-    fields = {
-        "rope_scaling_type": rope.scaling,
-        "rope_freq_base": rope.freq_base,
-        "rope_freq_scale": rope.freq_scale,
-        "yarn_ext_factor": rope.yarn_ext_factor,
-        "yarn_attn_factor": rope.yarn_attn_factor,
-        "yarn_beta_fast": rope.yarn_beta_fast,
-        "yarn_beta_slow": rope.yarn_beta_slow,
-        "yarn_orig_ctx": rope.yarn_orig_ctx,
-    }
-    return {key: value for key, value in fields.items() if value is not None}

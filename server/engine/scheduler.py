@@ -199,6 +199,7 @@ class Scheduler:
         for job in [j for j in self._waiting if j.stream.cancelled]:
             self._waiting.remove(job)
             self._dequeued += 1
+            job.flush(final=True)
         for job in [j for j in self._running if j.stream.cancelled]:
             for choice in job.choices:
                 if choice.finish is None:

@@ -1,0 +1,99 @@
+"""Loading one registry model into a Resident: its llama_model, its scheduler and context, and
+the memory it is accounted for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.engine.base import ModelInfo
+from server.engine.devices import Placement
+from server.engine.ggufmeta import GGUFInfo
+from server.engine.native import NativeModel, repack_enabled
+from server.engine.scheduler import ContextConfig, Scheduler
+from server.metrics import Metrics
+from server.registry import ModelSpec, Registry, RopeSpec
+from server.settings import Settings
+
+log = logging.getLogger("server.engine")
+GIB = 1 << 30
+
+
+@dataclass(eq=False)
+class Resident:
+    """A loaded model: its scheduler, what it takes, and who is using it."""
+
+    spec: ModelSpec
+    scheduler: Scheduler
+    info: ModelInfo
+    placement: Placement
+    device: str
+    active: int = 0  # requests admitted and not finished
+    last_used: float = field(default_factory=time.monotonic)
+    expiry: asyncio.TimerHandle | None = None
+    stale: bool = False  # its registry entry changed: unload once idle
+
+
+def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf: GGUFInfo,
+                  device: str, registry: Registry, settings: Settings,
+                  metrics: Metrics) -> Resident:
+    """Load `spec` from `path` as `plan` places it (blocking: run it in a worker thread)."""
+    log.info("loading model %s from %s (%d of %d layers on the GPU)", spec.id, path,
+             plan.gpu_layers, plan.n_layer)
+    layers = -1 if plan.all_on_gpu else plan.gpu_layers
+    model = NativeModel(path, n_gpu_layers=layers,
+                        repack=repack_enabled(settings.cpu_repack))
+    if model.n_ctx_train and n_ctx > model.n_ctx_train and spec.rope == RopeSpec():
+        log.warning("model %s: n_ctx %d is beyond its training context %d and no RoPE "
+                    "scaling is set in models.yaml; output may degrade past %d tokens",
+                    spec.id, n_ctx, model.n_ctx_train, model.n_ctx_train)
+    config = ContextConfig(
+        n_ctx=n_ctx, parallel=settings.parallel, batch_tokens=settings.batch_tokens,
+        threads=settings.threads, rope=_rope_params(spec), stop=spec.stop,
+        # Separate streams are n_ctx each; only a shared cache can hold less than that.
+        kv_cells=(settings.kv_unified and settings.kv_cache_tokens)
+        or n_ctx * settings.parallel,
+        max_waiting=settings.max_waiting, kv_unified=settings.kv_unified)
+    try:
+        scheduler = Scheduler(model, config, spec.id, metrics)
+    except Exception:
+        model.close()
+        raise
+    info = ModelInfo(
+        id=spec.id, n_ctx=n_ctx,
+        chat_template=None if spec.chat_template_off else (
+            registry.template_source(spec) or model.meta("tokenizer.chat_template")),
+        bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos))
+    log.info("model %s ready on %s: context %d tokens per request, %d in parallel, "
+             "%.2f GiB RAM + %.2f GiB VRAM", spec.id, device, n_ctx, config.parallel,
+             plan.ram / GIB, plan.vram / GIB)
+    memory = metrics.model_memory
+    kv = model.kv_bytes_per_token * scheduler.kv_cells
+    gpu_share = plan.gpu_layers / max(plan.n_layer, 1)
+    weights_gpu = plan.vram - int(kv * gpu_share)
+    memory.labels(spec.id, "weights", "cpu").set(max(gguf.weights_bytes - weights_gpu, 0))
+    memory.labels(spec.id, "kv_cache", "cpu").set(int(kv * (1 - gpu_share)))
+    if plan.vram:
+        memory.labels(spec.id, "weights", "gpu").set(max(weights_gpu, 0))
+        memory.labels(spec.id, "kv_cache", "gpu").set(int(kv * gpu_share))
+    return Resident(spec, scheduler, info, plan, device)
+
+
+def _rope_params(spec: ModelSpec) -> dict[str, Any]:
+    """The registry's RoPE overrides as llama_context_params fields."""
+    rope = spec.rope
+    fields = {
+        "rope_scaling_type": rope.scaling,
+        "rope_freq_base": rope.freq_base,
+        "rope_freq_scale": rope.freq_scale,
+        "yarn_ext_factor": rope.yarn_ext_factor,
+        "yarn_attn_factor": rope.yarn_attn_factor,
+        "yarn_beta_fast": rope.yarn_beta_fast,
+        "yarn_beta_slow": rope.yarn_beta_slow,
+        "yarn_orig_ctx": rope.yarn_orig_ctx,
+    }
+    return {key: value for key, value in fields.items() if value is not None}
