@@ -104,6 +104,11 @@ def test_the_server_pulls_on_first_use_and_reports_progress(
         seen = []
         while worker.is_alive():
             seen.append(httpx.get(f"{live.url}/v1/models/tiny").json())
+            if seen[-1]["status"] == "downloading":  # the loaded model keeps serving meanwhile
+                asked = time.monotonic()
+                other = httpx.post(f"{live.url}/v1/completions", timeout=60,
+                                   json={"model": "local", "prompt": "hi", "max_tokens": 2})
+                assert other.status_code == 200 and time.monotonic() - asked < 2
             time.sleep(0.1)
         worker.join()
         assert result["r"].status_code == 200

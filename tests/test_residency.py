@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from server.engine.devices import place
+from server.engine.ggufmeta import read_gguf
 from tests.conftest import LiveServer
 from tests.gguf_factory import write_gguf
 
@@ -190,5 +192,20 @@ def test_the_registry_reloads_and_an_invalid_file_keeps_the_old_one(
         while "c" in states(live) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert set(states(live)) == {"a", "b"}
+    finally:
+        live.stop()
+
+
+def test_the_memory_budget_makes_the_least_recently_used_model_unload(
+        tmp_path: Path, ggufs: dict[str, Path]) -> None:
+    one_model = place(read_gguf(ggufs["a"]), 0, kv_cells=256 * 4, vram_free=0).ram
+    registry = write_registry(tmp_path / "models.yaml", ggufs, ["a", "b", "c"])
+    live = LiveServer(["--models-file", str(registry), "--parallel", "4"],
+                      env={"GGSERVE_MEMORY_BUDGET": str(int(one_model * 2.5))})
+    try:
+        assert complete(live, "b").status_code == 200  # a and b fit
+        assert states(live) == {"a": "loaded", "b": "loaded", "c": "available"}
+        assert complete(live, "c").status_code == 200  # a is the least recently used
+        assert states(live) == {"a": "available", "b": "loaded", "c": "loaded"}
     finally:
         live.stop()
