@@ -8,14 +8,12 @@ GPU host: `gpu_present()` looks at the host itself so that the server can warn a
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import llama_cpp
-
 from server.engine.ggufmeta import GGUFInfo
+from server.engine.native import ggml_library
 
 _GPU_TYPES = (1, 2)  # enum ggml_backend_dev_type: CPU=0, GPU=1, IGPU=2, ACCEL=3
 MIN_MARGIN = 512 << 20  # kept free on the GPU for llama.cpp's compute buffers and the driver
@@ -31,8 +29,7 @@ class Gpu:
 
 def gpus() -> list[Gpu]:
     """The GPU devices of this llama.cpp build (none for a CPU-only build)."""
-    folder = os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(llama_cpp.__file__).parent / "lib")
-    lib = ctypes.CDLL(str(Path(folder) / "libggml.so"))
+    lib = ggml_library("libggml.so")
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
     lib.ggml_backend_dev_get.restype = ctypes.c_void_p

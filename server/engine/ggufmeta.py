@@ -9,13 +9,11 @@ expose it, so it is declared here through ctypes on the same libggml-base that l
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import llama_cpp
-
+from server.engine.native import ggml_library
 from server.errors import ModelLoadFailed
 
 # enum gguf_type
@@ -28,8 +26,7 @@ class _InitParams(ctypes.Structure):
 
 
 def _library() -> ctypes.CDLL:
-    folder = os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(llama_cpp.__file__).parent / "lib")
-    lib = ctypes.CDLL(str(Path(folder) / "libggml-base.so"))
+    lib = ggml_library("libggml-base.so")
     signatures: dict[str, tuple[list[object], object]] = {
         "gguf_init_from_file": ([ctypes.c_char_p, _InitParams], ctypes.c_void_p),
         "gguf_free": ([ctypes.c_void_p], None),

@@ -25,7 +25,7 @@ from server.engine.base import (
     ModelInfo,
     ModelStatus,
 )
-from server.engine.devices import Placement, gpu_present, gpus, place
+from server.engine.devices import Gpu, Placement, gpu_present, gpus, place
 from server.engine.ggufmeta import GGUFInfo, read_gguf
 from server.engine.loader import GIB, Resident, load_resident
 from server.engine.native import (
@@ -35,7 +35,7 @@ from server.engine.native import (
     repack_enabled,
     system_info,
 )
-from server.errors import ModelLoadFailed, ServerOverloaded
+from server.errors import ModelLoadFailed, ModelNotFound, ServerOverloaded
 from server.metrics import Metrics
 from server.registry import ModelSpec, Registry
 from server.settings import Settings
@@ -65,7 +65,7 @@ class LlamaEngine:
         self._errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._budget_lock = asyncio.Lock()  # one load at a time claims memory
-        self._gpus: list[Any] = []
+        self._gpus: list[Gpu] = []
         self.ram_budget = 0
         self.vram_budget = 0
 
@@ -269,13 +269,13 @@ class LlamaEngine:
                     or 0 < self.settings.max_loaded_models <= len(self._resident))
 
         while crowded():
-            idle = sorted((r for r in self._resident.values() if not r.active),
-                          key=lambda r: r.last_used)
             if not self._resident:
                 raise ModelLoadFailed(
                     f"model '{spec.id}' needs {plan.vram / GIB:.2f} GiB of VRAM, more than the "
                     f"budget of {self.vram_budget / GIB:.2f} GiB: set n_gpu_layers to 'auto' or "
                     "fewer layers, or lower its n_ctx")
+            idle = sorted((r for r in self._resident.values() if not r.active),
+                          key=lambda r: r.last_used)
             if not idle:
                 busy = ", ".join(self._resident)
                 raise ServerOverloaded(
@@ -284,6 +284,7 @@ class LlamaEngine:
             log.info("unloading %s (least recently used) to make room for %s", idle[0].spec.id,
                      spec.id)
             await self._unload(idle[0])
+
 
 class _Tracked:
     """A generation stream that tells the engine when its request is over."""
@@ -312,7 +313,7 @@ class _Tracked:
 def _base_spec(registry: Registry, spec: ModelSpec) -> ModelSpec | None:
     try:
         return registry.get(spec.id)
-    except Exception:
+    except ModelNotFound:
         return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,13 @@ def init_backend() -> None:
         lc.llama_log_set(_on_native_log, ctypes.c_void_p(0))
         lc.llama_backend_init()
         _state["ready"] = True
+
+
+def ggml_library(name: str) -> ctypes.CDLL:
+    """One of the ggml libraries that llama-cpp-python loaded (e.g. "libggml.so"), for the
+    parts of ggml's C API its bindings do not expose."""
+    folder = os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(lc.__file__).parent / "lib")
+    return ctypes.CDLL(str(Path(folder) / name))
 
 
 def system_info() -> str:
