@@ -37,6 +37,8 @@ def _parse(argv: list[str]) -> dict[str, object]:
     parser.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
     parser.add_argument("--cpu-repack", choices=["auto", "on", "off"],
                         help="llama.cpp CPU weight repacking (auto: off where AMX would crash)")
+    parser.add_argument("--flash-attn", choices=["auto", "on", "off"],
+                        help="llama.cpp flash attention (auto: where the backend has it)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["text", "json"],
                         help="text (default) or JSON lines")

@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import admin, chat, completions, health, models
+from server.api import admin, chat, completions, embeddings, health, models, tokenizer
 from server.api.admin import reload_registry
 from server.api.errors import install_error_handlers
 from server.api.security import BodySizeLimit, require_api_key
@@ -61,7 +61,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
     app.state.api_keys = load_api_keys(settings)
     install_error_handlers(app)
     guarded = [Depends(require_api_key)]
-    for module in (chat, completions, models, admin):
+    for module in (chat, completions, embeddings, tokenizer, models, admin):
         app.include_router(module.router, dependencies=guarded)
     app.include_router(health.router)
     app.include_router(health.metrics_router,

@@ -53,6 +53,37 @@ class PromptRenderError(InvalidRequest):
     """The model's chat template refused or failed to render the messages."""
 
 
+class NotAnEmbeddingModel(InvalidRequest):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' is not an embedding model: mark its entry `embedding: true` "
+            "in models.yaml to serve /v1/embeddings from it.", param="model")
+
+
+class EmbeddingModelOnly(InvalidRequest):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' is an embedding model (`embedding: true` in models.yaml): it "
+            "serves /v1/embeddings, not chat or text completions.", param="model")
+
+
+class InputTooLong(InvalidRequest):
+    """One embedding input does not fit the model's context window."""
+
+    def __init__(self, *, index: int, n_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"Input {index} has {n_tokens} tokens; this model embeds at most {n_ctx} tokens "
+            "per input. Shorten or split it.", param="input", code="context_length_exceeded")
+
+
+class UnknownToken(InvalidRequest):
+    """A token id outside the model's vocabulary."""
+
+    def __init__(self, token: int, n_vocab: int, *, param: str) -> None:
+        super().__init__(f"Token id {token} is not in this model's vocabulary (ids 0 to "
+                         f"{n_vocab - 1}).", param=param)
+
+
 class AuthenticationFailed(ServerError):
     status_code = 401
     error_type = "invalid_request_error"

@@ -85,6 +85,10 @@ class ModelSpec(_Strict):
     keep_alive: float | None = None  # seconds idle before unloading; the server's default if unset
     rope: RopeSpec = RopeSpec()
     sampling: SamplingDefaults = SamplingDefaults()
+    # An embedding model serves /v1/embeddings only; `pooling` unset means the GGUF's own
+    # pooling type, or mean when it has none (a decoder LLM used for embeddings).
+    embedding: bool = False
+    pooling: Literal["mean", "cls", "last"] | None = None
 
     @field_validator("n_gpu_layers")
     @classmethod
@@ -111,6 +115,8 @@ class ModelSpec(_Strict):
         if "{quant}" in (self.file or "") and self.quant not in self.quants:
             raise ValueError(f"'file' has {{quant}}: 'quant' must be one of 'quants' {self.quants}"
                              f", got {self.quant!r}")
+        if self.pooling is not None and not self.embedding:
+            raise ValueError("'pooling' applies to embedding models only: add 'embedding: true'")
         return self
 
     @property

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     batch_tokens: int = Field(512, ge=16, description="tokens per llama_decode step")
     threads: int = Field(default_factory=_default_threads, ge=1)
     cpu_repack: Literal["auto", "on", "off"] = "auto"
+    # llama.cpp's flash attention ("auto": where the backend has it, as llama-server). On the
+    # CPU it accumulates in f16: log-probabilities move by up to ~0.1 against "off".
+    flash_attn: Literal["auto", "on", "off"] = "auto"
     max_waiting: int = Field(256, ge=1, description="queued requests per model before 503")
     # --- residency: models load on first use and stay while they fit ---
     keep_alive: float = Field(-1.0, description="seconds an idle model stays loaded (-1: forever)")

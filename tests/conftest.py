@@ -9,9 +9,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import llama_cpp
+import numpy as np
 import pytest
+from llama_cpp import Llama
+
+from server.engine.native import build_has_amx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,3 +94,28 @@ def smollm2_path() -> Path:
     settings = Settings()
     registry = Registry.load(settings.models_file, settings.templates_dir, settings.models_dir)
     return registry.local_file(registry.get(registry.default))
+
+
+def reference_llama(path: Path, **kwargs: Any) -> Llama:
+    """llama-cpp-python's own Llama on `path`, with the server's weight layout: no AMX
+    repacking, which its high-level API cannot turn off by itself."""
+    with pytest.MonkeyPatch.context() as patch:
+        if build_has_amx():
+            defaults = llama_cpp.llama_model_default_params
+
+            def no_repack() -> Any:
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
+
+            patch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", no_repack)
+        return Llama(str(path), **{"n_threads": 2, "verbose": False, **kwargs})
+
+
+def log_softmax(llm: Llama, tokens: list[int]) -> np.ndarray[Any, Any]:
+    """The log-softmax of each position's logits as llama-cpp-python evaluates `tokens`."""
+    llm.reset()
+    llm.eval(tokens)
+    scores = np.array(llm.scores[:len(tokens)], dtype=np.float64)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # type: ignore[no-any-return]

@@ -4,6 +4,9 @@ One writer per architecture: ``llama`` (also Mistral-style, with n_head_kv < n_h
 GQA), ``stablelm`` (StableLM-3B-4E1T: LayerNorm with biases, partial rotary) and ``falcon``
 (Falcon-40B style: fused QKV, GQA and the second attention norm ``attn_norm_2``; llama.cpp
 picks the 40B code path only from that tensor's presence, there is no metadata key for it).
+One more, ``bert``, is an encoder for embedding tests (not in ``ARCHS``: it cannot generate):
+non-causal attention, learned positions, post-norm layers with biases, CLS pooling, and the
+same vocabulary read as a WordPiece (``bert``) tokenizer.
 
 The vocabulary is a SentencePiece-style ``llama`` tokenizer: ``<unk> <s> </s>``, then the
 caller's special tokens (CONTROL), then the 256 byte-fallback tokens, then word pieces, so
@@ -29,7 +32,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-__all__ = ["ARCHS", "DTYPES", "SHAPES", "Shape", "main", "vocabulary", "write_gguf"]
+__all__ = ["ARCHS", "DTYPES", "ENCODER_ARCHS", "SHAPES", "Shape", "main", "vocabulary",
+           "write_gguf"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ SHAPES: dict[str, Shape] = {
 }
 
 ARCHS = ("llama", "stablelm", "falcon")
+ENCODER_ARCHS = ("bert",)
 # Matrix types: plain floats, or ggml blocks (written directly as random blocks, so that a
 # big model can be written quantized without an f16 copy on disk first).
 DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
@@ -156,6 +161,21 @@ def _tensor_specs(arch: str, shape: Shape, n_vocab: int) -> Iterator[tuple[str, 
         base = gguf.TENSOR_NAMES[t]
         return (base.format(bid=bid) if bid is not None else base) + "." + suffix
 
+    if arch == "bert":
+        yield name(_T.TOKEN_EMBD, "weight"), (n_vocab, e)
+        yield name(_T.TOKEN_TYPES, "weight"), (2, e)  # segment A/B
+        yield name(_T.POS_EMBD, "weight"), (shape.n_ctx_train, e)
+        yield name(_T.TOKEN_EMBD_NORM, "weight"), (e,)
+        yield name(_T.TOKEN_EMBD_NORM, "bias"), (e,)
+        for i in range(shape.n_layer):
+            for t, rows, cols in ((_T.ATTN_Q, e, e), (_T.ATTN_K, kv, e), (_T.ATTN_V, kv, e),
+                                  (_T.ATTN_OUT, e, e), (_T.FFN_UP, ff, e), (_T.FFN_DOWN, e, ff)):
+                yield name(t, "weight", i), (rows, cols)
+                yield name(t, "bias", i), (rows,)
+            for t in (_T.ATTN_OUT_NORM, _T.LAYER_OUT_NORM):
+                yield name(t, "weight", i), (e,)
+                yield name(t, "bias", i), (e,)
+        return
     biased_norms = arch != "llama"  # LayerNorm with bias for stablelm and falcon
     yield name(_T.TOKEN_EMBD, "weight"), (n_vocab, e)
     yield name(_T.OUTPUT_NORM, "weight"), (e,)
@@ -196,6 +216,10 @@ def _add_hparams(w: gguf.GGUFWriter, arch: str, shape: Shape, rope_freq_base: fl
         w.add_layer_norm_rms_eps(NORM_EPS)
     else:
         w.add_layer_norm_eps(NORM_EPS)
+    if arch == "bert":
+        w.add_causal_attention(False)
+        w.add_token_type_count(2)
+        w.add_pooling_type(gguf.PoolingType.CLS)
     if arch == "stablelm":  # StableLM-3B-4E1T rotates a quarter of each head
         w.add_rope_dimension_count(max(2, shape.head_dim // 4 // 2 * 2))
     else:  # llama.cpp requires n_rot == head_dim for llama and falcon
@@ -245,8 +269,8 @@ def write_gguf(
     rope_freq_base: float = 10000.0,
 ) -> Path:
     """Write a random-weight GGUF model to `path` (streamed tensor by tensor); return it."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if arch not in ARCHS + ENCODER_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + ENCODER_ARCHS}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}")
     if shape.n_embd % shape.n_head or shape.n_head % shape.n_head_kv:
@@ -256,6 +280,8 @@ def write_gguf(
     if shape.n_embd % block or shape.n_ff % block:
         raise ValueError(f"{dtype} needs n_embd and n_ff to be multiples of {block}: {shape}")
     tokens, scores, types = vocabulary(special_tokens)
+    if arch == "bert":  # WordPiece has no byte fallback: llama.cpp aborts on BYTE tokens
+        types = [gguf.TokenType.NORMAL if t == gguf.TokenType.BYTE else t for t in types]
     if eos_token not in tokens[: len(tokens) - 256]:
         raise ValueError(f"eos_token {eos_token!r} is not <unk>, <s>, </s> or a special token")
 
@@ -266,13 +292,15 @@ def write_gguf(
     w.add_name(f"random-{arch}")
     w.add_file_type(file_type)
     _add_hparams(w, arch, shape, rope_freq_base)
-    w.add_tokenizer_model("llama")
+    w.add_tokenizer_model("bert" if arch == "bert" else "llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
     w.add_unk_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(tokens.index(eos_token))
+    if arch == "bert":  # WordPiece: [CLS] text [SEP], here <s> text </s>
+        w.add_sep_token_id(2)
     w.add_add_bos_token(add_bos)
     w.add_add_eos_token(False)
     if chat_template is not None:
@@ -307,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.gguf_factory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the .gguf file to write")
-    parser.add_argument("--arch", choices=ARCHS, default="llama")
+    parser.add_argument("--arch", choices=ARCHS + ENCODER_ARCHS, default="llama")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--n-layer", type=int, help="override the shape's layer count")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32")

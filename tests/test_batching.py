@@ -6,13 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 import openai
 import pytest
 from llama_cpp import Llama
 
-from server.engine.native import build_has_amx
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, reference_llama
 
 MODEL = "smollm2-135m-instruct"
 SYSTEM = ("You are a meticulous assistant for a shipping company. You answer questions about "
@@ -68,18 +66,8 @@ def test_concurrent_requests_never_see_each_others_tokens(client: openai.OpenAI,
         assert output == word * 24
 
 
-def test_greedy_output_equals_llama_cpp_python(client: openai.OpenAI, smollm2_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    if build_has_amx():  # the high-level API cannot turn AMX repacking off by itself
-        defaults = llama_cpp.llama_model_default_params
-
-        def no_repack() -> Any:
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", no_repack)
-    llm = Llama(str(smollm2_path), n_ctx=512, verbose=False, seed=1)
+def test_greedy_output_equals_llama_cpp_python(client: openai.OpenAI, smollm2_path: Path) -> None:
+    llm = reference_llama(smollm2_path, n_ctx=512, seed=1)
     prompt = "The three most important inventions in history are"
     theirs = llm.create_completion(prompt, max_tokens=40, temperature=0)
     ours = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,

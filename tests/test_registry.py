@@ -117,3 +117,25 @@ def test_durations(given: float | str, seconds: float) -> None:
 def test_a_bad_duration_says_what_is_accepted() -> None:
     with pytest.raises(ValueError, match="'5m'"):
         parse_duration("five minutes")
+
+
+def test_embedding_entries_and_their_pooling(tmp_path: Path) -> None:
+    registry = load(write(tmp_path, "models:\n  e:\n    path: m.gguf\n    embedding: true\n"
+                                    "    pooling: cls\n  g:\n    path: m.gguf\n"))
+    assert registry.get("e").embedding and registry.get("e").pooling == "cls"
+    assert not registry.get("g").embedding and registry.get("g").pooling is None
+    with pytest.raises(RegistryError, match="model 'e': field 'pooling'"):
+        load(write(tmp_path, "models:\n  e:\n    path: m.gguf\n    embedding: true\n"
+                             "    pooling: max\n"))
+    with pytest.raises(RegistryError, match="'pooling' applies to embedding models only"):
+        load(write(tmp_path, "models:\n  e:\n    path: m.gguf\n    pooling: mean\n"))
+
+
+def test_shipped_registry_has_embedding_models() -> None:
+    settings = Settings()
+    registry = Registry.load(settings.models_file, settings.templates_dir, settings.models_dir)
+    smollm2 = registry.get("smollm2-135m-embed")
+    assert smollm2.embedding and smollm2.pooling == "mean"
+    assert registry.local_file(smollm2) == registry.local_file(registry.get(registry.default))
+    nomic = registry.get("nomic-embed-text-v1.5:f16")
+    assert nomic.embedding and nomic.file_name == "nomic-embed-text-v1.5.f16.gguf"

@@ -75,27 +75,31 @@ def test_models_load_on_first_use_and_the_least_recently_used_idle_one_makes_roo
 def test_a_model_serving_requests_is_never_unloaded_under_them(
         two_at_most: LiveServer) -> None:
     live = two_at_most
-    results: dict[str, httpx.Response] = {}
+    results: dict[str, list[httpx.Response]] = {"a": [], "b": []}
+    stop = threading.Event()
 
-    def long_request(model: str) -> None:
-        results[model] = complete(live, model, max_tokens=200,
-                                  logit_bias={"2": -100}, temperature=0)
+    def keep_busy(model: str) -> None:  # two of these per model: it is never idle meanwhile
+        while not stop.is_set():
+            results[model].append(complete(live, model, max_tokens=200,
+                                           logit_bias={"2": -100}, temperature=0))
 
-    workers = [threading.Thread(target=long_request, args=(m,)) for m in ("a", "b")]
+    workers = [threading.Thread(target=keep_busy, args=(m,)) for m in ("a", "b", "a", "b")]
     for worker in workers:
         worker.start()
     deadline = time.monotonic() + 30
     while states(live)["b"] != "loaded" and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(0.2)
     refused = complete(live, "c")  # both loaded models are busy: no room, at once
+    stop.set()
     for worker in workers:
         worker.join()
     assert refused.status_code == 503 and refused.headers["retry-after"]
     assert refused.json()["error"]["code"] == "server_overloaded"
     assert "retry" in refused.json()["error"]["message"]
     for model in ("a", "b"):
-        assert results[model].status_code == 200
-        assert results[model].json()["usage"]["completion_tokens"] == 200
+        assert all(r.status_code == 200 for r in results[model])
+        assert all(r.json()["usage"]["completion_tokens"] == 200 for r in results[model])
     assert complete(live, "c").status_code == 200  # once idle, they make room
 
 

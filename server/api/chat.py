@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
 
 from fastapi import APIRouter
 from sse_starlette.sse import EventSourceResponse
 
-from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.api.generation import Generation
-from server.api.schemas import (
+from server.api.chat_output import ChoiceOutput, Delta, assemble
+from server.api.chat_schemas import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionMessage,
     ChatCompletionRequest,
     ChunkChoice,
-    CompletionUsage,
-    streamed,
 )
+from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
+from server.api.generation import Generation
+from server.api.logprobs import ChoiceLogprobs
+from server.api.schemas import CompletionUsage, streamed
 from server.api.sse import sse_response
-from server.engine.base import ChoiceFinished, TextDelta, Usage
+from server.engine.base import (
+    ChoiceFinished,
+    GenerationRequest,
+    Grammar,
+    ModelInfo,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
 from server.errors import InvalidRequest
-from server.prompts import render_chat
-from server.reasoning import Part, ReasoningSplitter
+from server.prompts import Prompt, render_chat
+from server.registry import ModelSpec
+from server.tools import ToolPlan, plan_tools, prepare_messages, template_handles_tools
 
 router = APIRouter()
 
@@ -35,63 +46,94 @@ async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep,
     body.check_limits(settings)
     spec = registry.get(body.model)
     info = await engine.model_info(spec.id)
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    request = _generation_request(body, spec, info, plan)
+    generation = await Generation.start(engine, request, metrics, "chat", "chatcmpl",
+                                        settings.request_timeout_s)
+    separator = spec.reasoning.separator if spec.reasoning and \
+        body.reasoning_format != "none" else None
+    outputs = [ChoiceOutput(separator, tools=plan is not None) for _ in range(body.n)]
+    if body.stream:
+        return sse_response(_chunks(generation, outputs, body.include_usage, body.logprobs),
+                            on_close=generation.stream.cancel,
+                            exclude=None if body.include_usage else {"usage"})
+    result = await generation.collect(body.n)
+    choices = []
+    for i, output in enumerate(outputs):
+        message = assemble(output.feed(result.text(i)) + output.flush())
+        choices.append(ChatChoice(
+            index=i, message=message,
+            logprobs=ChoiceLogprobs.of(result.logprobs[i]) if body.logprobs else None,
+            finish_reason="tool_calls" if output.calls else result.finish[i]))
+    return ChatCompletion(id=generation.id, created=generation.created, model=generation.model,
+                          choices=choices, usage=CompletionUsage.of(result.usage))
+
+
+def chat_prompt(spec: ModelSpec, info: ModelInfo, messages: list[dict[str, Any]],
+                plan: ToolPlan | None, add_generation_prompt: bool = True) -> Prompt:
+    """The prompt for `messages`, with the tools of `plan` described as the template allows
+    (also what POST /tokenize counts for messages)."""
     if info.chat_template is None:
         raise InvalidRequest(
             f"The model '{spec.id}' has no chat template (it is a base model, and its GGUF "
             "carries none): use /v1/completions, or name a 'template' for it in models.yaml.",
             param="model")
-    prompt = render_chat(info.chat_template, [m.as_template_input() for m in body.messages],
-                         bos_token=info.bos_token, eos_token=info.eos_token)
-    generation = await Generation.start(engine, body.to_generation(spec, prompt), metrics,
-                                        "chat", "chatcmpl", settings.request_timeout_s)
-    separator = spec.reasoning.separator if spec.reasoning and \
-        body.reasoning_format != "none" else None
-    if body.stream:
-        return sse_response(_chunks(generation, body.n, body.include_usage, separator),
-                            on_close=generation.stream.cancel,
-                            exclude=None if body.include_usage else {"usage"})
-    result = await generation.collect(body.n)
-    return ChatCompletion(
-        id=generation.id, created=generation.created, model=generation.model,
-        choices=[ChatChoice(index=i, message=_message(result.text(i), separator),
-                            finish_reason=result.finish[i]) for i in range(body.n)],
-        usage=CompletionUsage.of(result.usage))
+    native = template_handles_tools(info.chat_template)
+    extra: dict[str, Any] = {}
+    if plan is not None and native:
+        extra["tools"] = [f.spec() for f in plan.functions]
+    return render_chat(info.chat_template, prepare_messages(messages, plan, native),
+                       bos_token=info.bos_token, eos_token=info.eos_token,
+                       add_generation_prompt=add_generation_prompt, extra=extra)
 
 
-def _message(text: str, separator: str | None) -> ChatCompletionMessage:
-    if separator is None:
-        return ChatCompletionMessage(content=text)
-    splitter = ReasoningSplitter(separator)
-    parts: dict[str, str] = {"content": "", "reasoning_content": ""}
-    for kind, piece in splitter.feed(text) + splitter.flush():
-        parts[kind] += piece
-    return ChatCompletionMessage(content=parts["content"],
-                                 reasoning_content=parts["reasoning_content"])
+def _generation_request(body: ChatCompletionRequest, spec: ModelSpec, info: ModelInfo,
+                        plan: ToolPlan | None) -> GenerationRequest:
+    prompt = chat_prompt(spec, info, [m.as_template_input() for m in body.messages], plan)
+    request = body.to_generation(spec, prompt)
+    if plan is None:
+        return request
+    if request.grammar is not None:
+        raise InvalidRequest("response_format and tools cannot constrain the same reply: "
+                             "send one of them, or tool_choice 'none'", param="response_format")
+    return replace(request, grammar=Grammar(
+        plan.gbnf, plan.trigger_pattern if plan.lazy else None, param="tools"))
 
 
-async def _chunks(generation: Generation, n: int, include_usage: bool,
-                  separator: str | None) -> AsyncIterator[ChatCompletionChunk]:
+async def _chunks(generation: Generation, outputs: list[ChoiceOutput], include_usage: bool,
+                  logprobs: bool | None) -> AsyncIterator[ChatCompletionChunk]:
     def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> \
             ChatCompletionChunk:
         return ChatCompletionChunk(id=generation.id, created=generation.created,
                                    model=generation.model, choices=choices, usage=usage)
 
-    splitters = [ReasoningSplitter(separator) if separator else None for _ in range(n)]
+    # Log-probabilities ride on the first chunk their text shows up in.
+    held: list[list[TokenLogprob]] = [[] for _ in outputs]
 
-    def parts(index: int, text: str | None) -> list[Part]:
-        splitter = splitters[index]
-        if splitter is None:
-            return [("content", text)] if text else []
-        return splitter.flush() if text is None else splitter.feed(text)
+    def deltas(index: int, items: list[Delta]) -> list[ChatCompletionChunk]:
+        out = []
+        for delta in items:
+            lp = ChoiceLogprobs.of(held[index]) if logprobs and held[index] else None
+            held[index] = [] if lp else held[index]
+            out.append(chunk([ChunkChoice(index=index, delta=delta, logprobs=lp)]))
+        return out
 
-    for index in range(n):
+    for index in range(len(outputs)):
         yield chunk([ChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
     async for event in generation.events():
-        if isinstance(event, TextDelta | ChoiceFinished):
-            text = event.text if isinstance(event, TextDelta) else None
-            for kind, piece in parts(event.index, text):
-                yield chunk([ChunkChoice(index=event.index, delta={kind: piece})])
-        if isinstance(event, ChoiceFinished):
-            yield chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.reason)])
+        if isinstance(event, TextDelta):
+            held[event.index] += event.logprobs
+            for item in deltas(event.index, outputs[event.index].feed(event.text)):
+                yield item
+        elif isinstance(event, ChoiceFinished):
+            output = outputs[event.index]
+            for item in deltas(event.index, output.flush()):
+                yield item
+            rest = held[event.index]  # an end token's, which adds no text
+            yield chunk([ChunkChoice(index=event.index, delta={},
+                                     logprobs=ChoiceLogprobs.of(rest) if logprobs and rest
+                                     else None,
+                                     finish_reason="tool_calls" if output.calls
+                                     else event.reason)])
         elif isinstance(event, Usage) and include_usage:
             yield chunk([], CompletionUsage.of(event))

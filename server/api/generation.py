@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from server.engine.base import (
@@ -16,7 +16,9 @@ from server.engine.base import (
     FinishReason,
     GenerationRequest,
     GenerationStream,
+    PromptTokens,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
 from server.errors import RequestTimedOut, ServerError
@@ -139,15 +141,18 @@ class Generation:
         m.output_length.labels(model).observe(usage.completion_tokens)
 
     async def collect(self, n: int) -> Collected:
-        """Run to the end and gather each choice's text and finish reason."""
-        result = Collected([[] for _ in range(n)], ["stop"] * n)
+        """Run to the end and gather each choice's text, log-probabilities and finish."""
+        result = Collected([[] for _ in range(n)], ["stop"] * n, [[] for _ in range(n)])
         async for event in self.events():
             if isinstance(event, TextDelta):
                 result.parts[event.index].append(event.text)
+                result.logprobs[event.index] += event.logprobs
             elif isinstance(event, ChoiceFinished):
                 result.finish[event.index] = event.reason
             elif isinstance(event, Usage):
                 result.usage = event
+            elif isinstance(event, PromptTokens):
+                result.prompt = event.tokens
         return result
 
 
@@ -155,7 +160,66 @@ class Generation:
 class Collected:
     parts: list[list[str]]
     finish: list[FinishReason]
+    logprobs: list[list[TokenLogprob]]
     usage: Usage = field(default_factory=lambda: Usage(0, 0))
+    prompt: tuple[TokenLogprob, ...] = ()  # the prompt's tokens, when echoed
 
     def text(self, index: int) -> str:
         return "".join(self.parts[index])
+
+
+async def start_all(engine: Engine, requests: Sequence[GenerationRequest], metrics: Metrics,
+                    endpoint: str, id_prefix: str, timeout_s: float) -> list[Generation]:
+    """Admit every request of a batch, or none: one refused cancels those admitted."""
+    started: list[Generation] = []
+    try:
+        for request in requests:
+            started.append(await Generation.start(engine, request, metrics, endpoint,
+                                                  id_prefix, timeout_s))
+    except BaseException:
+        for generation in started:
+            generation.stream.cancel()
+        raise
+    return started
+
+
+async def collect_all(generations: Sequence[Generation], n: int) -> list[Collected]:
+    """Collect a batch's generations side by side; one failing cancels the rest."""
+    tasks = [asyncio.ensure_future(g.collect(n)) for g in generations]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def merged_events(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of a batch's generations as they come, each with its generation's index."""
+    if len(generations) == 1:
+        async for event in generations[0].events():
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for event in generation.events():
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, None))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()

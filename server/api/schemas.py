@@ -10,14 +10,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.api.logprobs import MAX_TOP_LOGPROBS, CompletionLogprobs
 from server.durations import parse_duration
-from server.engine.base import GenerationRequest, ModelState, SamplingParams, Usage
+from server.engine.base import (
+    GenerationRequest,
+    Grammar,
+    ModelState,
+    SamplingParams,
+    TokenIds,
+    Usage,
+)
 from server.errors import InvalidRequest
 from server.prompts import Prompt
 from server.registry import ModelSpec
 from server.settings import Settings
+from server.structured import json_object_grammar, json_schema_grammar
 
 MAX_STOP_STRINGS = 16
+MAX_PROMPTS = 128
 
 
 class _Request(BaseModel):
@@ -28,7 +38,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(_Request):
+class GenerationBody(_Request):
     """Fields common to chat and text completions."""
 
     model: str
@@ -36,8 +46,9 @@ class _GenerationRequest(_Request):
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=128)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    response_format: dict[str, Any] | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str | int] | None = None  # ints: token ids (as llama-server's tokens)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -47,6 +58,7 @@ class _GenerationRequest(_Request):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(None, gt=0.0)
+    stop_token_ids: list[int] | None = None  # as vLLM's
     # --- extension (as Ollama): how long the model stays loaded after this request ---
     keep_alive: float | str | None = Field(
         None, description="seconds or a duration ('5m'); -1 keeps the model loaded, 0 unloads "
@@ -59,8 +71,8 @@ class _GenerationRequest(_Request):
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
-        stops = [value] if isinstance(value, str) else value
+    def _stop_list(cls, value: str | list[str | int] | None) -> list[str | int] | None:
+        stops: list[str | int] | None = [value] if isinstance(value, str) else value
         if stops is not None and len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are accepted")
         return stops
@@ -83,7 +95,7 @@ class _GenerationRequest(_Request):
             raise InvalidRequest(f"n is {self.n}; this server allows at most {settings.max_n}.",
                                  param="n")
 
-    def to_generation(self, spec: ModelSpec, prompt: Prompt) -> GenerationRequest:
+    def to_generation(self, spec: ModelSpec, prompt: Prompt | TokenIds) -> GenerationRequest:
         """Engine parameters: what the request says, else the model's registry defaults."""
         self.unsupported()
         d = spec.sampling
@@ -102,11 +114,38 @@ class _GenerationRequest(_Request):
             seed=self.seed,
             logit_bias=self._token_bias(),
         )
+        stops = self.stop or []
         return GenerationRequest(
             model=spec.id, prompt=prompt, sampling=sampling,
             max_tokens=pick(self._max_tokens(), d.max_tokens),
-            stop=tuple(self.stop or ()), n=self.n,
-            keep_alive=None if self.keep_alive is None else float(self.keep_alive))
+            stop=tuple(s for s in stops if isinstance(s, str)),
+            stop_tokens=tuple(s for s in stops if isinstance(s, int))
+            + tuple(self.stop_token_ids or ()),
+            n=self.n,
+            keep_alive=None if self.keep_alive is None else float(self.keep_alive),
+            grammar=self._grammar(), **self._output_options())
+
+    def _output_options(self) -> dict[str, Any]:
+        """Engine options an endpoint adds (log-probabilities, echo)."""
+        return {}
+
+    def _grammar(self) -> Grammar | None:
+        """The grammar `response_format` asks for; None for free text."""
+        fmt = self.response_format or {}
+        kind = fmt.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Grammar(json_object_grammar())
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise InvalidRequest(
+                    "response_format json_schema needs {'json_schema': {'name': ..., "
+                    "'schema': {...}}}", param="response_format.json_schema")
+            return Grammar(json_schema_grammar(spec["schema"]))
+        raise InvalidRequest(f"response_format type {kind!r} is not one of 'text', "
+                             "'json_object', 'json_schema'", param="response_format.type")
 
     def _token_bias(self) -> dict[int, float]:
         bias: dict[int, float] = {}
@@ -132,71 +171,7 @@ class _GenerationRequest(_Request):
         return []
 
 
-# ---------------------------------------------------------------- chat completions --------
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def as_template_input(self) -> dict[str, Any]:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        message = {"role": "system" if self.role == "developer" else self.role,
-                   "content": content or ""}
-        if self.name:
-            message["name"] = self.name
-        reasoning = (self.model_extra or {}).get("reasoning_content")
-        if isinstance(reasoning, str) and reasoning:
-            message["reasoning_content"] = reasoning
-        return message
-
-
-class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    # --- extension (llama-server's): "none" returns a reasoning model's raw text ---
-    reasoning_format: Literal["none", "auto", "deepseek"] | None = None
-
-    def _max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-    def check_limits(self, settings: Settings) -> None:
-        super().check_limits(settings)
-        if len(self.messages) > settings.max_messages:
-            raise InvalidRequest(f"{len(self.messages)} messages; this server allows at most "
-                                 f"{settings.max_messages}.", param="messages")
-
-    def _refused(self) -> list[tuple[str, Any, tuple[Any, ...]]]:
-        fmt = (self.response_format or {}).get("type")
-        return [("logprobs", self.logprobs, (None, False)),
-                ("top_logprobs", self.top_logprobs, (None, 0)),
-                ("response_format", fmt, (None, "text")),
-                ("tools", self.tools, (None, [])),
-                ("tool_choice", self.tool_choice, (None, "none"))]
-
-
-class ChatCompletionMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    refusal: str | None = None
-    # --- extension (DeepSeek's, llama-server's): the rationale of a reasoning format ---
-    reasoning_content: str | None = None
+# ---------------------------------------------------------------- usage -------------------
 
 
 class PromptTokensDetails(BaseModel):
@@ -216,74 +191,52 @@ class CompletionUsage(BaseModel):
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens))
 
 
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatCompletionMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: CompletionUsage
-    system_fingerprint: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: dict[str, str]
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChunkChoice]
-    usage: CompletionUsage | None = None
-
-
 # ---------------------------------------------------------------- text completions --------
 
 
-class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str]
+class CompletionRequest(GenerationBody):
+    # One prompt, or a batch: strings, or token ids (read as they are, without a BOS).
+    prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = None
     echo: bool = False
-    logprobs: int | None = None
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for this endpoint
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("send one prompt per request (a string, or a list of one string)")
+    def _prompts(cls, value: str | list[Any]) -> str | list[Any]:
+        if isinstance(value, list):
+            if not value or any(isinstance(p, list) and not p for p in value):
+                raise ValueError("the prompt is empty: send text or at least one token id")
+            if len(value) > MAX_PROMPTS and not isinstance(value[0], int):
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return value
 
-    @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | TokenIds]:
+        """Each prompt of the batch: text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [tuple(p for p in self.prompt if isinstance(p, int))]
+        return [p if isinstance(p, str) else tuple(p) for p in self.prompt
+                if not isinstance(p, int)]
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def _output_options(self) -> dict[str, Any]:
+        return {"logprobs": self.logprobs, "echo": self.echo,
+                "prompt_logprobs": self.logprobs if self.echo else None}
+
     def _refused(self) -> list[tuple[str, Any, tuple[Any, ...]]]:
-        return [("best_of", self.best_of, (None, 1)), ("echo", self.echo, (False,)),
-                ("logprobs", self.logprobs, (None,)), ("suffix", self.suffix, (None, ""))]
+        return [("best_of", self.best_of, (None, 1)), ("suffix", self.suffix, (None, ""))]
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

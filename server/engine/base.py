@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from typing_extensions import TypeIs
+
 from server.prompts import Prompt
 
 if TYPE_CHECKING:
@@ -30,16 +32,52 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar the output must follow; with `trigger_pattern` it is lazy: it applies
+    from where that regex (matched against all output so far; group 1 marks the start) hits."""
+
+    gbnf: str
+    trigger_pattern: str | None = None
+    param: str = "response_format"  # the request field it came from, for errors
+
+
+TokenIds = tuple[int, ...]
+
+
+def is_token_ids(prompt: Prompt | TokenIds) -> TypeIs[TokenIds]:
+    return bool(prompt) and isinstance(prompt[0], int)
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to continue `n` times; `max_tokens` None means up to the context's end."""
+    """One prompt to continue `n` times; `max_tokens` None means up to the context's end.
+
+    A prompt of token ids is read as it is (no BOS added); `max_tokens` 0 only reads it.
+    """
 
     model: str
-    prompt: Prompt
+    prompt: Prompt | TokenIds
     sampling: SamplingParams = SamplingParams()
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    stop_tokens: TokenIds = ()
     n: int = 1
     keep_alive: float | None = None  # seconds the model stays loaded after this request
+    logprobs: int | None = None  # each output token's log-probability and this many runners-up
+    echo: bool = False  # send the prompt's tokens back (PromptTokens)
+    prompt_logprobs: int | None = None  # with echo: the prompt tokens' log-probabilities too
+    grammar: Grammar | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token with its log-probability under the model (log-softmax of the raw logits) and
+    the most likely tokens at its position; `piece` is its bytes, special tokens as text."""
+
+    token: int
+    piece: bytes
+    logprob: float | None  # None for a prompt's first token: nothing precedes it
+    top: tuple[tuple[int, bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +86,14 @@ class TextDelta:
 
     index: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this text came from, when asked
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Sent once before any text when a request asks for `echo`: the tokens the model read."""
+
+    tokens: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -69,7 +115,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-Event = TextDelta | ChoiceFinished | Usage
+Event = TextDelta | ChoiceFinished | Usage | PromptTokens
 
 
 @dataclass(frozen=True)
@@ -100,6 +146,26 @@ class ModelStatus:
     n_layer: int = 0
     memory_ram: int = 0  # bytes this model takes, when loaded
     memory_vram: int = 0
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One unit-length (L2-normalised) vector per input, in input order."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """A loaded model's vocabulary: its kind and special tokens as text (None: it has none)."""
+
+    vocab_type: str  # llama.cpp's: "spm", "bpe", "wpm", "ugm", ...
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    add_bos: bool  # the vocabulary asks for a BOS before every prompt
 
 
 class GenerationStream(Protocol):
@@ -141,4 +207,25 @@ class Engine(Protocol):
 
     async def generate(self, request: GenerationRequest) -> GenerationStream:
         """Admit `request` (raising typed errors before any output) and return its events."""
+        ...
+
+    async def embed(self, model: str, inputs: list[list[int]] | list[str]) -> Embeddings:
+        """Embed each input (text, or token ids used as they are) with embedding model `model`."""
+        ...
+
+    async def tokenize(self, model: str, prompt: Prompt, add_special: bool) -> list[int]:
+        """`prompt`'s tokens; with `add_special`, exactly what the model reads for it (the BOS
+        its vocabulary asks for; an embedding model's BOS/EOS)."""
+        ...
+
+    async def detokenize(self, model: str, tokens: list[int]) -> str:
+        """The text of `tokens`, special tokens as their text; UnknownToken for a bad id."""
+        ...
+
+    async def token_texts(self, model: str, tokens: list[int]) -> list[str]:
+        """Each token's entry in the vocabulary (as HF's convert_ids_to_tokens gives them)."""
+        ...
+
+    async def tokenizer_info(self, model: str) -> TokenizerInfo:
+        """`model`'s vocabulary facts (loading it first if need be)."""
         ...

@@ -3,28 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.engine.base import (
     ChoiceFinished,
+    Embeddings,
     Event,
     FinishReason,
     GenerationRequest,
     ModelInfo,
     ModelStatus,
     TextDelta,
+    TokenizerInfo,
     Usage,
+    is_token_ids,
 )
 from server.engine.textstream import StopTextStream
-from server.errors import ModelNotFound
-from server.prompts import prompt_text
+from server.errors import (
+    EmbeddingModelOnly,
+    InputTooLong,
+    ModelNotFound,
+    NotAnEmbeddingModel,
+    UnknownToken,
+)
+from server.prompts import Prompt, prompt_text
 from server.registry import Registry
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# The fake vocabulary: a token is a Unicode code point, except these two.
+FAKE_SPECIAL = {1: "<s>", 2: "</s>"}
+FAKE_VOCAB_SIZE = 0x110000
 
 
 @dataclass
@@ -44,6 +58,7 @@ class FakeEngine:
     requests: list[GenerationRequest] = field(default_factory=list)
     cancelled: int = 0
     full: bool = False
+    embedding_models: tuple[str, ...] = ()  # of `models`: these embed, and never generate
 
     async def start(self) -> None:
         return None
@@ -78,8 +93,56 @@ class FakeEngine:
 
     async def generate(self, request: GenerationRequest) -> _FakeStream:
         await self.model_info(request.model)
+        if request.model in self.embedding_models:
+            raise EmbeddingModelOnly(request.model)
         self.requests.append(request)
         return _FakeStream(self, request)
+
+    async def embed(self, model: str, inputs: list[list[int]] | list[str]) -> Embeddings:
+        """Per input: 8 numbers from a hash of its tokens, normalised to unit length."""
+        await self.model_info(model)
+        if model not in self.embedding_models:
+            raise NotAnEmbeddingModel(model)
+        await asyncio.sleep(self.delay)
+        vectors, total = [], 0
+        items: list[list[int] | str] = list(inputs)
+        for index, item in enumerate(items):
+            tokens = self._tokens(item, True) if isinstance(item, str) else item
+            self._check(tokens, "input")
+            if len(tokens) > self.n_ctx:
+                raise InputTooLong(index=index, n_tokens=len(tokens), n_ctx=self.n_ctx)
+            digest = hashlib.sha256(repr(tokens).encode()).digest()
+            values = [byte / 127.5 - 1.0 for byte in digest[:8]]
+            norm = math.hypot(*values)
+            vectors.append([v / norm for v in values])
+            total += len(tokens)
+        return Embeddings(vectors, total)
+
+    async def tokenize(self, model: str, prompt: Prompt, add_special: bool) -> list[int]:
+        await self.model_info(model)
+        return self._tokens(prompt_text(prompt), add_special)
+
+    async def detokenize(self, model: str, tokens: list[int]) -> str:
+        return "".join(await self.token_texts(model, tokens))
+
+    async def token_texts(self, model: str, tokens: list[int]) -> list[str]:
+        await self.model_info(model)
+        self._check(tokens, "tokens")
+        return [FAKE_SPECIAL.get(token) or chr(token) for token in tokens]
+
+    async def tokenizer_info(self, model: str) -> TokenizerInfo:
+        await self.model_info(model)
+        return TokenizerInfo("fake", "<s>", "</s>", None, None, add_bos=True)
+
+    @staticmethod
+    def _tokens(text: str, add_special: bool) -> list[int]:
+        return [1] * add_special + [ord(char) for char in text]
+
+    @staticmethod
+    def _check(tokens: list[int], param: str) -> None:
+        for token in tokens:
+            if not 0 <= token < FAKE_VOCAB_SIZE:
+                raise UnknownToken(token, FAKE_VOCAB_SIZE, param=param)
 
 
 class _FakeStream:
@@ -121,7 +184,9 @@ class _FakeStream:
                     yield TextDelta(index, tail)
                 yield ChoiceFinished(index, reason)
             completed = True
-            yield Usage(len(prompt_text(request.prompt).split()), generated)
+            prompt = request.prompt
+            yield Usage(len(prompt) if is_token_ids(prompt) else len(prompt_text(prompt).split()),
+                        generated)
         finally:
             if not completed:
                 self.cancel()

@@ -13,6 +13,7 @@ from server.engine.base import (
     FinishReason,
     GenerationRequest,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
 from server.engine.native import SamplerChain
@@ -35,6 +36,9 @@ class Choice:
     has_prompt: bool = False  # the prompt's KV is in this sequence (the first choice reads it)
     generated: int = 0
     finish: FinishReason | None = None
+    # Log-probabilities of sampled tokens whose text is not sent yet (held for a stop string
+    # or an unfinished UTF-8 character); they go out with that text.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -51,6 +55,13 @@ class Job:
     cached: int = 0  # prompt tokens whose KV was reused from an earlier request
     choices: list[Choice] = field(default_factory=list)
     pending: list[Event | Exception] = field(default_factory=list)
+    bos_added: bool = False  # the scheduler put a BOS before the prompt's own tokens
+    # Log-probabilities of the prompt's tokens from position 1 on, as far as it is read.
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        return self.request.prompt_logprobs is not None
 
     @property
     def reservation(self) -> int:
@@ -65,9 +76,12 @@ class Job:
     def done(self) -> bool:
         return bool(self.choices) and all(c.finish is not None for c in self.choices)
 
-    def emit_text(self, choice: Choice, text: str) -> None:
-        if text:
-            self.pending.append(TextDelta(choice.index, text))
+    def emit_text(self, choice: Choice, text: str, last: bool = False) -> None:
+        """Send `text` with the log-probabilities of its tokens; `last` sends those held
+        even without text (an end token's)."""
+        if text or (last and choice.logprobs):
+            logprobs, choice.logprobs = tuple(choice.logprobs), []
+            self.pending.append(TextDelta(choice.index, text, logprobs))
 
     def emit_finish(self, choice: Choice) -> None:
         assert choice.finish is not None

@@ -1,9 +1,10 @@
 """The llama.cpp engine: registry models load on first use (downloaded if need be) and stay
 resident while they fit the memory budget; the least recently used idle one makes room.
 
-Each loaded model has its own Scheduler thread. A model with requests running is never
-unloaded; an idle one unloads after its keep_alive, when the budget needs its memory, when an
-admin unloads it, or when a registry reload changes its entry.
+Each loaded model has its own Scheduler thread (an embedding model: an Embedder thread). A
+model with requests running is never unloaded; an idle one unloads after its keep_alive, when
+the budget needs its memory, when an admin unloads it, or when a registry reload changes its
+entry.
 """
 
 from __future__ import annotations
@@ -13,19 +14,24 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from server import hub
+from server.engine import vocab
 from server.engine.base import (
+    Embeddings,
     Event,
     GenerationRequest,
     GenerationStream,
     ModelInfo,
     ModelStatus,
+    TokenizerInfo,
 )
 from server.engine.devices import Gpu, Placement, gpu_present, gpus, place
+from server.engine.embedder import Embedder
 from server.engine.ggufmeta import GGUFInfo, read_gguf
 from server.engine.loader import GIB, Resident, load_resident
 from server.engine.native import (
@@ -35,8 +41,15 @@ from server.engine.native import (
     repack_enabled,
     system_info,
 )
-from server.errors import ModelLoadFailed, ModelNotFound, ServerOverloaded
+from server.errors import (
+    EmbeddingModelOnly,
+    ModelLoadFailed,
+    ModelNotFound,
+    NotAnEmbeddingModel,
+    ServerOverloaded,
+)
 from server.metrics import Metrics
+from server.prompts import Prompt
 from server.registry import ModelSpec, Registry
 from server.settings import Settings
 
@@ -111,7 +124,7 @@ class LlamaEngine:
 
     def overloaded(self) -> bool:
         """True when some model's queue is full (new requests to it would get a 503)."""
-        return any(r.scheduler.waiting >= r.scheduler.config.max_waiting
+        return any(r.worker.waiting >= r.worker.config.max_waiting
                    for r in self._resident.values())
 
     async def model_info(self, model: str) -> ModelInfo:
@@ -120,13 +133,44 @@ class LlamaEngine:
         return resident.info
 
     async def generate(self, request: GenerationRequest) -> GenerationStream:
+        if self.registry.get(request.model).embedding:
+            raise EmbeddingModelOnly(request.model)
         resident = await self._acquire(request.model)
         try:
-            stream = resident.scheduler.submit(request, asyncio.get_running_loop())
+            if isinstance(resident.worker, Embedder):  # its registry entry changed meanwhile
+                raise EmbeddingModelOnly(request.model)
+            stream = resident.worker.submit(request, asyncio.get_running_loop())
         except BaseException:
             self._release(resident, request.keep_alive)
             raise
         return _Tracked(stream, lambda: self._release(resident, request.keep_alive))
+
+    async def embed(self, model: str, inputs: list[list[int]] | list[str]) -> Embeddings:
+        if not self.registry.get(model).embedding:
+            raise NotAnEmbeddingModel(model)
+        async with self._using(model) as resident:
+            if not isinstance(resident.worker, Embedder):  # its registry entry changed meanwhile
+                raise NotAnEmbeddingModel(model)
+            return await resident.worker.embed(inputs)
+
+    async def tokenize(self, model: str, prompt: Prompt, add_special: bool) -> list[int]:
+        async with self._using(model) as resident:
+            if add_special:
+                return resident.worker.tokenize(prompt)
+            return [token for segment in prompt for token in resident.worker.model.tokenize(
+                segment.text, parse_special=segment.special)]
+
+    async def detokenize(self, model: str, tokens: list[int]) -> str:
+        async with self._using(model) as resident:
+            return vocab.detokenize(resident.worker.model, tokens)
+
+    async def token_texts(self, model: str, tokens: list[int]) -> list[str]:
+        async with self._using(model) as resident:
+            return vocab.token_texts(resident.worker.model, tokens)
+
+    async def tokenizer_info(self, model: str) -> TokenizerInfo:
+        async with self._using(model) as resident:
+            return resident.tokenizer
 
     def status(self, model: str) -> ModelStatus:
         spec = self.registry.get(model)
@@ -180,6 +224,15 @@ class LlamaEngine:
             resident.expiry = None
         return resident
 
+    @asynccontextmanager
+    async def _using(self, model: str) -> AsyncIterator[Resident]:
+        """The loaded model for `model` while the caller works with it."""
+        resident = await self._acquire(model)
+        try:
+            yield resident
+        finally:
+            self._release(resident, None)
+
     def _release(self, resident: Resident, keep_alive: float | None) -> None:
         resident.active -= 1
         resident.last_used = time.monotonic()
@@ -205,8 +258,8 @@ class LlamaEngine:
         del self._resident[resident.spec.id]
         if resident.expiry is not None:
             resident.expiry.cancel()
-        await asyncio.to_thread(resident.scheduler.close)
-        await asyncio.to_thread(resident.scheduler.model.close)
+        await asyncio.to_thread(resident.worker.close)
+        await asyncio.to_thread(resident.worker.model.close)
         for kind in ("weights", "kv_cache"):
             for device in ("cpu", "gpu"):
                 with contextlib.suppress(KeyError):
@@ -251,7 +304,9 @@ class LlamaEngine:
     def _place(self, spec: ModelSpec, gguf: GGUFInfo, n_ctx: int) -> Placement:
         free = self.vram_budget - sum(r.placement.vram for r in self._resident.values())
         requested: int | str = spec.n_gpu_layers if self._gpus else 0
-        return place(gguf, requested, n_ctx * self.settings.parallel, free)
+        # An embedding model's inputs share one cache of n_ctx cells.
+        cells = n_ctx if spec.embedding else n_ctx * self.settings.parallel
+        return place(gguf, requested, cells, free)
 
     async def _make_room(self, spec: ModelSpec, plan: Placement) -> None:
         """Unload idle models, least recently used first, until `plan` fits the budget."""

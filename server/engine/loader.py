@@ -1,5 +1,5 @@
-"""Loading one registry model into a Resident: its llama_model, its scheduler and context, and
-the memory it is accounted for."""
+"""Loading one registry model into a Resident: its llama_model, its worker (a Scheduler, or an
+Embedder for an embedding model) with its context, and the memory it is accounted for."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.engine.base import ModelInfo
+from server.engine.base import ModelInfo, TokenizerInfo
+from server.engine.context import ContextConfig
 from server.engine.devices import Placement
+from server.engine.embedder import Embedder
 from server.engine.ggufmeta import GGUFInfo
 from server.engine.native import NativeModel, repack_enabled
-from server.engine.scheduler import ContextConfig, Scheduler
+from server.engine.scheduler import Scheduler
+from server.engine.vocab import tokenizer_info
 from server.metrics import Metrics
 from server.registry import ModelSpec, Registry, RopeSpec
 from server.settings import Settings
@@ -25,13 +28,14 @@ GIB = 1 << 30
 
 @dataclass(eq=False)
 class Resident:
-    """A loaded model: its scheduler, what it takes, and who is using it."""
+    """A loaded model: its worker thread's owner, what it takes, and who is using it."""
 
     spec: ModelSpec
-    scheduler: Scheduler
+    worker: Scheduler | Embedder
     info: ModelInfo
     placement: Placement
     device: str
+    tokenizer: TokenizerInfo
     active: int = 0  # requests admitted and not finished
     last_used: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
@@ -57,9 +61,11 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
         # Separate streams are n_ctx each; only a shared cache can hold less than that.
         kv_cells=(settings.kv_unified and settings.kv_cache_tokens)
         or n_ctx * settings.parallel,
-        max_waiting=settings.max_waiting, kv_unified=settings.kv_unified)
+        max_waiting=settings.max_waiting, kv_unified=settings.kv_unified,
+        flash_attn=settings.flash_attn)
     try:
-        scheduler = Scheduler(model, config, spec.id, metrics)
+        worker = Embedder(model, config, spec.pooling, spec.id, metrics) if spec.embedding \
+            else Scheduler(model, config, spec.id, metrics)
     except Exception:
         model.close()
         raise
@@ -68,11 +74,12 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
         chat_template=None if spec.chat_template_off else (
             registry.template_source(spec) or model.meta("tokenizer.chat_template")),
         bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos))
-    log.info("model %s ready on %s: context %d tokens per request, %d in parallel, "
-             "%.2f GiB RAM + %.2f GiB VRAM", spec.id, device, n_ctx, config.parallel,
-             plan.ram / GIB, plan.vram / GIB)
+    log.info("model %s ready on %s: context %d tokens per request, %s, "
+             "%.2f GiB RAM + %.2f GiB VRAM", spec.id, device, n_ctx,
+             f"embeddings with {worker.pooling} pooling" if isinstance(worker, Embedder)
+             else f"{config.parallel} in parallel", plan.ram / GIB, plan.vram / GIB)
     memory = metrics.model_memory
-    kv = model.kv_bytes_per_token * scheduler.kv_cells
+    kv = model.kv_bytes_per_token * worker.kv_cells
     gpu_share = plan.gpu_layers / max(plan.n_layer, 1)
     weights_gpu = plan.vram - int(kv * gpu_share)
     memory.labels(spec.id, "weights", "cpu").set(max(gguf.weights_bytes - weights_gpu, 0))
@@ -80,7 +87,7 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
     if plan.vram:
         memory.labels(spec.id, "weights", "gpu").set(max(weights_gpu, 0))
         memory.labels(spec.id, "kv_cache", "gpu").set(int(kv * gpu_share))
-    return Resident(spec, scheduler, info, plan, device)
+    return Resident(spec, worker, info, plan, device, tokenizer_info(model))
 
 
 def _rope_params(spec: ModelSpec) -> dict[str, Any]:

@@ -11,14 +11,15 @@ from typing import Any
 
 import llama_cpp as lc
 
-from server.engine.base import SamplingParams
-from server.errors import ModelLoadFailed
+from server.engine.base import Grammar, SamplingParams
+from server.errors import InvalidRequest, ModelLoadFailed
 
 log = logging.getLogger("server.engine")
 _native_log = logging.getLogger("llama.cpp")
 # ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (continues the last line).
 _LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING,
            4: logging.ERROR}
+PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 _init_lock = threading.Lock()
 _state: dict[str, Any] = {}
 _load_errors = threading.local()  # llama.cpp's error lines while this thread loads a model
@@ -112,6 +113,7 @@ class NativeModel:
         # K and V, f16, for every layer: what one token position costs in the KV cache.
         self.kv_bytes_per_token = (2 * 2 * int(lc.llama_model_n_layer(ptr)) * head
                                    * int(lc.llama_model_n_head_kv(ptr)))
+        self._pieces: dict[int, bytes] = {}
 
     def close(self) -> None:
         if self.ptr:
@@ -150,14 +152,22 @@ class NativeModel:
                                   parse_special)
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a generated token adds to the output (control tokens add none)."""
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a generated token adds to the output (control tokens add none unless
+        `special`, which renders them as their text)."""
         buf = ctypes.create_string_buffer(64)
-        n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
+
+    def special_piece(self, token: int) -> bytes:
+        """A token's bytes with control tokens as their text (cached: logprobs ask often)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._pieces[token] = self.piece(token, special=True)
+        return cached
 
     def single_token(self, text: str) -> int | None:
         """The id of `text` if it is one token of the vocabulary (e.g. `<|im_end|>`)."""
@@ -165,20 +175,47 @@ class NativeModel:
         return tokens[0] if len(tokens) == 1 else None
 
 
-class SamplerChain:
-    """A native llama_sampler chain for one sequence; sampling never loops in Python."""
+def grammar_sampler(vocab: Any, grammar: Grammar) -> Any:
+    """A llama.cpp grammar sampler for `grammar` (lazy when it has a trigger), or None when
+    llama.cpp cannot parse it."""
+    if grammar.trigger_pattern is None:
+        return lc.llama_sampler_init_grammar(vocab, grammar.gbnf.encode(), b"root")
+    patterns = (ctypes.c_char_p * 1)(grammar.trigger_pattern.encode())
+    return lc.llama_sampler_init_grammar_lazy_patterns(
+        vocab, grammar.gbnf.encode(), b"root", patterns, 1, None, 0)
 
-    def __init__(self, params: SamplingParams, n_vocab: int, seed: int | None) -> None:
+
+def check_grammar(vocab: Any, grammar: Grammar) -> None:
+    """Raise InvalidRequest when llama.cpp cannot parse `grammar`."""
+    sampler = grammar_sampler(vocab, grammar)
+    if not sampler:
+        raise InvalidRequest("llama.cpp could not parse the grammar made for this request; "
+                             "simplify the schema", param=grammar.param)
+    lc.llama_sampler_free(sampler)
+
+
+class SamplerChain:
+    """A native llama_sampler chain for one sequence; sampling never loops in Python.
+
+    A grammar goes first: it masks the tokens that would break it before anything else picks.
+    """
+
+    def __init__(self, params: SamplingParams, n_vocab: int, seed: int | None,
+                 grammar: Any = None) -> None:
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if grammar:
+            self._add(grammar)
         if params.logit_bias:
             biases = (lc.llama_logit_bias * len(params.logit_bias))()
             for slot, (token, bias) in zip(biases, params.logit_bias.items(), strict=True):
                 slot.token, slot.bias = token, bias
             self._add(lc.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+        self._penalties = None
         if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
-            self._add(lc.llama_sampler_init_penalties(
-                n_vocab, 64, params.repeat_penalty, params.frequency_penalty,
-                params.presence_penalty))
+            self._penalties = lc.llama_sampler_init_penalties(
+                n_vocab, PENALTY_WINDOW, params.repeat_penalty, params.frequency_penalty,
+                params.presence_penalty)
+            self._add(self._penalties)
         if params.temperature <= 0:
             self._add(lc.llama_sampler_init_greedy())
             return
@@ -191,6 +228,12 @@ class SamplerChain:
 
     def _add(self, sampler: Any) -> None:
         lc.llama_sampler_chain_add(self.ptr, sampler)
+
+    def prime(self, prompt: list[int]) -> None:
+        """Let the penalties count the prompt's last tokens too, as llama-server's do."""
+        if self._penalties is not None:
+            for token in prompt[-PENALTY_WINDOW:]:
+                lc.llama_sampler_accept(self._penalties, token)
 
     def sample(self, ctx: Any, batch_index: int) -> int:
         """Sample from the logits of batch row `batch_index` and accept the token."""

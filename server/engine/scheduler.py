@@ -14,16 +14,17 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
 
 import llama_cpp as lc
 
-from server.engine.base import GenerationRequest
+from server.engine.base import GenerationRequest, PromptTokens, TokenLogprob, is_token_ids
+from server.engine.context import ContextConfig, context_params, create_context
 from server.engine.jobs import Choice, Job, JobStream
-from server.engine.native import NativeModel, SamplerChain
+from server.engine.logprobs import LogitReader
+from server.engine.native import NativeModel, SamplerChain, check_grammar, grammar_sampler
 from server.engine.slots import SlotPool
 from server.engine.textstream import StopTextStream
+from server.engine.vocab import check_tokens, read_prompt
 from server.errors import (
     ContextLengthExceeded,
     EngineFailure,
@@ -36,26 +37,7 @@ from server.prompts import Prompt
 
 log = logging.getLogger("server.engine")
 
-_ROPE_SCALING = {"none": 0, "linear": 1, "yarn": 2}
 _WAKE = object()
-
-
-@dataclass(frozen=True)
-class ContextConfig:
-    """How a model's llama.cpp context is sized and tuned."""
-
-    n_ctx: int  # tokens one request may hold (prompt + output)
-    parallel: int  # sequences decoded together
-    batch_tokens: int
-    threads: int
-    rope: dict[str, Any]
-    stop: tuple[str, ...] = ()
-    kv_cells: int = 0  # KV budget in tokens for all sequences; at least n_ctx
-    max_waiting: int = 256  # requests queued for a slot before new ones get a 503
-    # One KV cache shared by all sequences (n > 1 shares the prompt's cells), or one stream
-    # per sequence (attention spans only the sequence's own cells: faster prefill; n > 1
-    # copies the prompt's stream).
-    kv_unified: bool = False
 
 
 class Scheduler:
@@ -67,7 +49,13 @@ class Scheduler:
         self._metrics = SchedulerMetrics(metrics, name)
         self.config = config
         self.kv_cells = max(config.kv_cells, config.n_ctx)
-        self.ctx = self._new_context()
+        params = context_params(config)
+        params.n_ctx = self.kv_cells
+        params.n_batch = params.n_ubatch = config.batch_tokens
+        params.n_seq_max = config.parallel
+        params.kv_unified = config.kv_unified
+        self.ctx = create_context(model, params, f"a context of {self.kv_cells} tokens; lower "
+                                  "n_ctx or parallel")
         self._memory = lc.llama_get_memory(self.ctx)
         self._batch = lc.llama_batch_init(config.batch_tokens, 0, config.parallel)
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -79,18 +67,24 @@ class Scheduler:
         self._submitted = 0  # written by the event loop only
         self._dequeued = 0  # written by the scheduler thread only
         self._model_stop_tokens = self._stop_token_ids(config.stop)
+        self._logits = LogitReader(self.ctx, model.n_vocab, model.special_piece)
         self._thread = threading.Thread(target=self._run, name=f"scheduler:{name}", daemon=True)
         self._thread.start()
 
     # ---- called from the event loop -------------------------------------------------------
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        tokens: list[int] = []
-        for segment in prompt:
-            tokens += self.model.tokenize(segment.text, parse_special=segment.special)
-        if self.model.add_bos and self.model.bos >= 0 and tokens[:1] != [self.model.bos]:
-            tokens.insert(0, self.model.bos)
-        return tokens
+        """The tokens the model reads for `prompt`: its segments, after a BOS if the model
+        wants one and the prompt does not start with it."""
+        return read_prompt(self.model, prompt)[0]
+
+    def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], bool]:
+        """The request's prompt as tokens, and whether a BOS was added to it."""
+        prompt = request.prompt
+        if is_token_ids(prompt):
+            check_tokens(self.model, prompt, "prompt")
+            return list(prompt), False
+        return read_prompt(self.model, prompt)
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> JobStream:
         """Check `request` against the context, queue it, and return its event stream."""
@@ -104,18 +98,23 @@ class Scheduler:
             raise InvalidRequest(
                 f"n={request.n} is more than this server decodes at once for a request "
                 f"({self.config.parallel}); lower n or raise the 'parallel' setting.", param="n")
-        tokens = self.tokenize(request.prompt)
+        tokens, bos_added = self._prompt_tokens(request)
         if not tokens:
             raise InvalidRequest("The prompt is empty; send at least one token of text.",
                                  param="prompt")
         room = self.config.n_ctx - len(tokens)
         wanted = request.max_tokens
-        if room < 1 or (wanted is not None and wanted > room):
+        if room < (0 if wanted == 0 else 1) or (wanted is not None and wanted > room):
             raise ContextLengthExceeded(n_prompt_tokens=len(tokens), n_ctx=self.config.n_ctx,
                                         max_tokens=wanted)
+        check_tokens(self.model, request.stop_tokens, "stop")
+        if request.grammar is not None:
+            check_grammar(self.model.vocab, request.grammar)
         stream = JobStream(loop, lambda: self._inbox.put(_WAKE))
-        stop_tokens = self._model_stop_tokens | self._stop_token_ids(request.stop)
-        job = Job(request, tokens, min(wanted or room, room), stop_tokens, stream)
+        stop_tokens = self._model_stop_tokens | self._stop_token_ids(request.stop) | \
+            frozenset(request.stop_tokens)
+        job = Job(request, tokens, room if wanted is None else wanted, stop_tokens, stream,
+                  bos_added=bos_added)
         if job.reservation > self.kv_cells:
             raise InvalidRequest(
                 f"n={request.n} choices of up to {job.max_new} tokens after a "
@@ -139,23 +138,6 @@ class Scheduler:
         lc.llama_free(self.ctx)
 
     # ---- the scheduler thread -------------------------------------------------------------
-
-    def _new_context(self) -> Any:
-        cfg = self.config
-        params = lc.llama_context_default_params()
-        params.n_ctx = self.kv_cells
-        params.n_batch = params.n_ubatch = cfg.batch_tokens
-        params.n_seq_max = cfg.parallel
-        params.n_threads = params.n_threads_batch = cfg.threads
-        params.kv_unified = cfg.kv_unified
-        params.no_perf = True
-        for key, value in cfg.rope.items():
-            setattr(params, key, _ROPE_SCALING[value] if key == "rope_scaling_type" else value)
-        ctx = lc.llama_init_from_model(self.model.ptr, params)
-        if not ctx:
-            raise EngineFailure(f"llama.cpp could not create a context of {self.kv_cells} "
-                                "tokens; lower n_ctx or parallel")
-        return ctx
 
     def _stop_token_ids(self, stops: tuple[str, ...]) -> frozenset[int]:
         ids = (self.model.single_token(s) for s in stops if s)
@@ -217,16 +199,20 @@ class Scheduler:
             self._dequeued += 1
             self._metrics.queue_wait.observe(time.perf_counter() - job.submitted)
             self._reserved += job.reservation
-            seq_ids, job.prefilled = self._slots.acquire(job.tokens, job.request.n)
+            # Prompt log-probabilities need the logits of every prompt position: no reuse.
+            seq_ids, job.prefilled = self._slots.acquire(job.tokens, job.request.n,
+                                                         reuse=not job.wants_prompt_logits)
             job.cached = job.prefilled
             self._slots.trim_idle(self.kv_cells - self._reserved)
             seed = job.request.sampling.seed
+            grammar = job.request.grammar
             for index, seq_id in enumerate(seq_ids):
                 choice_seed = None if seed is None else (seed + index) & 0x7FFFFFFF
-                job.choices.append(Choice(
-                    index, seq_id,
-                    SamplerChain(job.request.sampling, self.model.n_vocab, choice_seed),
-                    StopTextStream(self.config.stop + job.request.stop)))
+                sampler = SamplerChain(job.request.sampling, self.model.n_vocab, choice_seed,
+                                       grammar and grammar_sampler(self.model.vocab, grammar))
+                sampler.prime(job.tokens)
+                job.choices.append(Choice(index, seq_id, sampler,
+                                          StopTextStream(self.config.stop + job.request.stop)))
             self._running.append(job)
 
     def _step(self) -> None:
@@ -249,6 +235,7 @@ class Scheduler:
             [(job.choices[0].seq_id, job, None, size) for job, size in chunks]
         entries.sort(key=lambda entry: entry[0])
         rows: list[tuple[Job, Choice, int]] = []
+        read: list[tuple[Job, int, int]] = []  # prompt chunks: (job, first position, batch row)
         n = 0
         for _, job, choice, size in entries:
             if choice is not None:
@@ -258,6 +245,7 @@ class Scheduler:
                 rows.append((job, choice, n))
                 n += 1
             else:
+                read.append((job, job.prefilled, n))
                 n = self._put_prompt_chunk(job, n, size, rows)
         self._batch.n_tokens = n
         status = lc.llama_decode(self.ctx, self._batch)
@@ -265,11 +253,12 @@ class Scheduler:
         if status != 0:
             self._fail_batch(rows, status)
             return
-        for job, _ in chunks:
+        for job, start, row in read:
+            if job.request.echo:
+                self._echo(job, range(start, job.prefilled), row)
             if not job.prefilling:
                 self._share_prompt(job)
-        for job, choice, index in rows:
-            self._advance(job, choice, choice.sampler.sample(self.ctx, index))
+        self._sample(rows)
         for job in list(self._running):
             job.flush(final=job.done)
             if job.done:
@@ -292,9 +281,10 @@ class Scheduler:
         seqs = [c.seq_id for c in job.choices] if self.config.kv_unified \
             else [job.choices[0].seq_id]
         end = job.prefilled + size
+        every = job.wants_prompt_logits
         for pos in range(job.prefilled, end):
             last = pos == len(job.tokens) - 1
-            self._put(n, job.tokens[pos], pos, seqs, last)
+            self._put(n, job.tokens[pos], pos, seqs, last or every)
             if last:
                 for choice in job.choices:
                     choice.pos = len(job.tokens)
@@ -302,6 +292,47 @@ class Scheduler:
             n += 1
         job.prefilled = end
         return n
+
+    def _echo(self, job: Job, positions: range, first_row: int) -> None:
+        """Score the prompt tokens that follow `positions` (read into batch rows from
+        `first_row` on) if asked; once the whole prompt is read, send its tokens."""
+        tokens, top = job.tokens, job.request.prompt_logprobs
+        if top is not None:
+            # A position's logits are the distribution of the token after it.
+            ahead = [p for p in positions if p + 1 < len(tokens)]
+            scores = self._logits.score([first_row + p - positions.start for p in ahead],
+                                        [tokens[p + 1] for p in ahead], top)
+            job.prompt_scores += scores
+        if job.prefilling:
+            return
+        scored = {1 + k: entry for k, entry in enumerate(job.prompt_scores)}
+        echo = []
+        for pos, token in enumerate(tokens):
+            piece = b"" if pos == 0 and job.bos_added else self.model.special_piece(token)
+            entry = scored.get(pos)
+            echo.append(TokenLogprob(token, piece, None) if entry is None
+                        else TokenLogprob(token, piece, entry.logprob, entry.top))
+        job.pending.append(PromptTokens(tuple(echo)))
+
+    def _sample(self, rows: list[tuple[Job, Choice, int]]) -> None:
+        """Pick each row's next token (and its log-probability when the request asks)."""
+        sampled = []
+        for job, choice, index in rows:
+            if job.max_new == 0:  # only reading the prompt (echo with max_tokens 0)
+                self._finish(job, choice, "length")
+            else:
+                sampled.append((job, choice, index, choice.sampler.sample(self.ctx, index)))
+        wanted = [s for s in sampled if s[0].request.logprobs is not None]
+        for (_, choice, _, _), entry in zip(wanted, self._score_rows(wanted), strict=True):
+            choice.logprobs.append(entry)
+        for job, choice, _, token in sampled:
+            self._advance(job, choice, token)
+
+    def _score_rows(self, rows: list[tuple[Job, Choice, int, int]]) -> list[TokenLogprob]:
+        top = max((job.request.logprobs or 0 for job, _, _, _ in rows), default=0)
+        entries = self._logits.score([r for _, _, r, _ in rows], [t for *_, t in rows], top)
+        return [TokenLogprob(e.token, e.piece, e.logprob, e.top[:job.request.logprobs or 0])
+                for (job, *_), e in zip(rows, entries, strict=True)]
 
     def _share_prompt(self, job: Job) -> None:
         """After the prompt is read, every choice's sequence holds it (copied if needed)."""
@@ -315,6 +346,9 @@ class Scheduler:
     def _advance(self, job: Job, choice: Choice, token: int) -> None:
         """Account for a sampled token: emit its text or end the choice."""
         if self.model.is_eog(token) or token in job.stop_tokens:
+            if choice.logprobs:  # the end token is reported (as vLLM does) but adds no text
+                end = choice.logprobs[-1]
+                choice.logprobs[-1] = TokenLogprob(end.token, b"", end.logprob, end.top)
             self._finish(job, choice, "stop")
             return
         choice.generated += 1
@@ -328,7 +362,9 @@ class Scheduler:
 
     def _finish(self, job: Job, choice: Choice, reason: str) -> None:
         choice.finish = reason  # type: ignore[assignment]
-        job.emit_text(choice, choice.text.flush())
+        # Log-probabilities still held go out with the last text, unless a stop string cut
+        # that text (their tokens made the stop string).
+        job.emit_text(choice, choice.text.flush(), last=not choice.text.stopped)
         self._release_choice(job, choice)
         job.emit_finish(choice)
 

@@ -49,7 +49,7 @@ class SlotPool:
     def idle_cells(self) -> int:
         return sum(len(s.cached) for s in self.idle)
 
-    def acquire(self, prompt: list[int], n: int) -> tuple[list[int], int]:
+    def acquire(self, prompt: list[int], n: int, reuse: bool = True) -> tuple[list[int], int]:
         """Take `n` idle slots for `prompt`: (their seq ids, prompt tokens already in KV).
 
         The slot caching the longest prefix of the prompt is reused when that prefix is worth
@@ -62,7 +62,7 @@ class SlotPool:
         idle = self.idle  # in id order
         best = max(idle, key=lambda s: common_prefix(s.cached, prompt))
         reused = min(common_prefix(best.cached, prompt), len(prompt) - 1)
-        if reused < min(MIN_REUSE, len(prompt) // 2):
+        if not reuse or reused < min(MIN_REUSE, len(prompt) // 2):
             best, reused = idle[0], 0
         self._truncate(best, reused)
         taken = [best, *[s for s in idle if s is not best][:n - 1]]
