@@ -53,7 +53,9 @@ def complete(live: LiveServer, model: str, **fields: Any) -> httpx.Response:
 @pytest.fixture
 def two_at_most(tmp_path: Path, ggufs: dict[str, Path]) -> Iterator[LiveServer]:
     registry = write_registry(tmp_path / "models.yaml", ggufs, ["a", "b", "c"])
-    live = LiveServer(["--models-file", str(registry)], env={"GGSERVE_MAX_LOADED_MODELS": "2"})
+    # One sequence per model: of several requests to a model, all but one wait in its queue.
+    live = LiveServer(["--models-file", str(registry), "--parallel", "1"],
+                      env={"GGSERVE_MAX_LOADED_MODELS": "2"})
     yield live
     live.stop()
 
@@ -78,12 +80,13 @@ def test_a_model_serving_requests_is_never_unloaded_under_them(
     results: dict[str, list[httpx.Response]] = {"a": [], "b": []}
     stop = threading.Event()
 
-    def keep_busy(model: str) -> None:  # two of these per model: it is never idle meanwhile
+    # Three of these per model: with one sequence, two always wait, so it is never idle.
+    def keep_busy(model: str) -> None:
         while not stop.is_set():
             results[model].append(complete(live, model, max_tokens=200,
                                            logit_bias={"2": -100}, temperature=0))
 
-    workers = [threading.Thread(target=keep_busy, args=(m,)) for m in ("a", "b", "a", "b")]
+    workers = [threading.Thread(target=keep_busy, args=(m,)) for m in ("a", "b") * 3]
     for worker in workers:
         worker.start()
     deadline = time.monotonic() + 30

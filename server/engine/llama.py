@@ -128,9 +128,8 @@ class LlamaEngine:
                    for r in self._resident.values())
 
     async def model_info(self, model: str) -> ModelInfo:
-        resident = await self._acquire(model)
-        self._release(resident, None)
-        return resident.info
+        async with self._using(model) as resident:
+            return resident.info
 
     async def generate(self, request: GenerationRequest) -> GenerationStream:
         if self.registry.get(request.model).embedding:
@@ -187,7 +186,8 @@ class LlamaEngine:
         return ModelStatus("available", n_ctx=spec.n_ctx)
 
     async def load(self, model: str) -> ModelStatus:
-        self._release(await self._acquire(model), None)
+        async with self._using(model):
+            pass
         return self.status(model)
 
     async def unload(self, model: str) -> ModelStatus:

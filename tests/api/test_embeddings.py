@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import math
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,6 @@ URL = "/v1/embeddings"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def app(tmp_path: Path) -> FastAPI:
     specs = {"fake-model": ModelSpec(id="fake-model", path="x.gguf"),
              "fake-embed": ModelSpec(id="fake-embed", path="x.gguf", embedding=True)}
@@ -38,11 +32,6 @@ def app(tmp_path: Path) -> FastAPI:
     return create_app(Settings(), engine=engine, registry=registry)
 
 
-@pytest.fixture
-async def http(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as client:
-        yield client
 
 
 async def embed(http: httpx.AsyncClient, **body: Any) -> httpx.Response:

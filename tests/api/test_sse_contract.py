@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -17,11 +16,6 @@ from server.settings import Settings
 
 pytestmark = pytest.mark.anyio
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture
@@ -40,11 +34,6 @@ def app(engine: FakeEngine, tmp_path: Any) -> FastAPI:
     return create_app(Settings(), engine=engine, registry=registry)
 
 
-@pytest.fixture
-async def http(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        yield client
 
 
 def chat_body(**extra: Any) -> dict[str, Any]:

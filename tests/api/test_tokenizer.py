@@ -19,11 +19,6 @@ from server.settings import Settings
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def make_app(tmp_path: Path, **settings: Any) -> FastAPI:
     specs = {name: ModelSpec(id=name, path="x.gguf") for name in ("fake-model", "other")}
     registry = Registry(specs, "fake-model", tmp_path / "models.yaml", tmp_path, tmp_path)

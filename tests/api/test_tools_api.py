@@ -25,11 +25,6 @@ TOOLS = [{"type": "function", "function": {
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def engine() -> FakeEngine:
     # the model says a few words, then calls, split at awkward places
     pieces = ["Let me check.", "\n<tool", "_call>\n{\"name\": \"get_weather\", ",
