@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from server.engine.textstream import partial_suffix
+
 Part = tuple[Literal["reasoning_content", "content"], str]
 
 
@@ -30,8 +32,7 @@ class ReasoningSplitter:
             before, after = self._pending[:at], self._pending[at + len(self._separator):]
             self._pending = ""
             return [p for p in (("reasoning_content", before), ("content", after)) if p[1]]
-        keep = next((n for n in range(min(len(self._separator) - 1, len(self._pending)), 0, -1)
-                     if self._pending.endswith(self._separator[:n])), 0)
+        keep = partial_suffix(self._pending, self._separator)
         out, self._pending = self._pending[:len(self._pending) - keep], self._pending[
             len(self._pending) - keep:]
         return [("reasoning_content", out)] if out else []

@@ -7,6 +7,8 @@ import secrets
 import string
 from dataclasses import dataclass
 
+from server.engine.textstream import partial_suffix
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -58,7 +60,7 @@ class ToolCallParser:
                 self._after_call = not self._buffer
             start = self._buffer.find(OPEN)
             if start < 0:
-                held = _partial_suffix(self._buffer, OPEN)
+                held = partial_suffix(self._buffer, OPEN)
                 ready = self._buffer[:len(self._buffer) - held].rstrip()
                 self._buffer = self._buffer[len(ready):]
                 return _merged(items, ready)
@@ -72,7 +74,7 @@ class ToolCallParser:
         """What is left at the end of generation; an unterminated call counts if it parses."""
         rest, self._buffer = self._buffer, ""
         if self._in_call:  # cut off, perhaps inside "</tool_call>"
-            return [self._block(rest[:len(rest) - _partial_suffix(rest, CLOSE)], closed=False)]
+            return [self._block(rest[:len(rest) - partial_suffix(rest, CLOSE)], closed=False)]
         if not self._called:  # a plain reply keeps its text exactly
             return [Content(rest)] if rest else []
         return _merged([], rest.rstrip())
@@ -99,14 +101,6 @@ def _parse_call(body: str) -> ToolCall | None:
         return None
     compact = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
     return ToolCall(new_call_id(), data["name"], compact)
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that begins `tag`."""
-    for size in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0
 
 
 def _merged(items: list[Content | ToolCall], text: str) -> list[Content | ToolCall]:

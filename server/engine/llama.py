@@ -156,8 +156,7 @@ class LlamaEngine:
         async with self._using(model) as resident:
             if add_special:
                 return resident.worker.tokenize(prompt)
-            return [token for segment in prompt for token in resident.worker.model.tokenize(
-                segment.text, parse_special=segment.special)]
+            return vocab.read_prompt(resident.worker.model, prompt, add_bos=False)[0]
 
     async def detokenize(self, model: str, tokens: list[int]) -> str:
         async with self._using(model) as resident:

@@ -14,8 +14,6 @@ import numpy as np
 
 from server.engine.base import TokenLogprob
 
-MAX_TOP_LOGPROBS = 20
-
 
 class LogitReader:
     """Reads rows of a context's output logits as log-softmax distributions."""
@@ -36,17 +34,16 @@ class LogitReader:
             shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         return result
 
-    def score(self, rows: Sequence[int], tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    def score(self, rows: Sequence[int], tokens: Sequence[int],
+              tops: Sequence[int]) -> list[TokenLogprob]:
         """`tokens[k]`'s log-probability under the distribution of batch row `rows[k]`, with
-        the `top` most likely tokens there."""
+        the `tops[k]` most likely tokens there."""
         if not rows:
             return []
         dist = self._log_softmax(rows)
-        out = []
-        for k, token in enumerate(tokens):
-            out.append(TokenLogprob(token, self._piece(token), float(dist[k, token]),
-                                    self._top(dist[k], top)))
-        return out
+        return [TokenLogprob(token, self._piece(token), float(dist[k, token]),
+                             self._top(dist[k], top))
+                for k, (token, top) in enumerate(zip(tokens, tops, strict=True))]
 
     def _top(self, dist: np.ndarray[Any, np.dtype[np.float64]],
              top: int) -> tuple[tuple[int, bytes, float], ...]:

@@ -300,19 +300,16 @@ class Scheduler:
         if top is not None:
             # A position's logits are the distribution of the token after it.
             ahead = [p for p in positions if p + 1 < len(tokens)]
-            scores = self._logits.score([first_row + p - positions.start for p in ahead],
-                                        [tokens[p + 1] for p in ahead], top)
-            job.prompt_scores += scores
+            job.prompt_scores += self._logits.score(
+                [first_row + p - positions.start for p in ahead],
+                [tokens[p + 1] for p in ahead], [top] * len(ahead))
         if job.prefilling:
             return
-        scored = {1 + k: entry for k, entry in enumerate(job.prompt_scores)}
-        echo = []
-        for pos, token in enumerate(tokens):
-            piece = b"" if pos == 0 and job.bos_added else self.model.special_piece(token)
-            entry = scored.get(pos)
-            echo.append(TokenLogprob(token, piece, None) if entry is None
-                        else TokenLogprob(token, piece, entry.logprob, entry.top))
-        job.pending.append(PromptTokens(tuple(echo)))
+        # Without log-probabilities (or with a prompt of one token) the rest is just tokens.
+        rest = job.prompt_scores or [TokenLogprob(t, self.model.special_piece(t), None)
+                                     for t in tokens[1:]]
+        first = b"" if job.bos_added else self.model.special_piece(tokens[0])
+        job.pending.append(PromptTokens((TokenLogprob(tokens[0], first, None), *rest)))
 
     def _sample(self, rows: list[tuple[Job, Choice, int]]) -> None:
         """Pick each row's next token (and its log-probability when the request asks)."""
@@ -329,10 +326,8 @@ class Scheduler:
             self._advance(job, choice, token)
 
     def _score_rows(self, rows: list[tuple[Job, Choice, int, int]]) -> list[TokenLogprob]:
-        top = max((job.request.logprobs or 0 for job, _, _, _ in rows), default=0)
-        entries = self._logits.score([r for _, _, r, _ in rows], [t for *_, t in rows], top)
-        return [TokenLogprob(e.token, e.piece, e.logprob, e.top[:job.request.logprobs or 0])
-                for (job, *_), e in zip(rows, entries, strict=True)]
+        return self._logits.score([r for _, _, r, _ in rows], [t for *_, t in rows],
+                                  [job.request.logprobs or 0 for job, *_ in rows])
 
     def _share_prompt(self, job: Job) -> None:
         """After the prompt is read, every choice's sequence holds it (copied if needed)."""

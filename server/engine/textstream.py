@@ -48,10 +48,13 @@ class StopTextStream:
 
     def _held_back_length(self) -> int:
         """Length of the longest tail of the pending text that begins some stop string."""
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(self._pending)), longest, -1):
-                if self._pending.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
+        return max((partial_suffix(self._pending, stop) for stop in self._stops), default=0)
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that begins `tag` (and is not all of it): the
+    text to hold back while `tag` may still be arriving."""
+    for size in range(min(len(text), len(tag) - 1), 0, -1):
+        if text.endswith(tag[:size]):
+            return size
+    return 0

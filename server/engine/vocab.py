@@ -31,14 +31,15 @@ def tokenizer_info(model: NativeModel) -> TokenizerInfo:
         add_bos=model.add_bos)
 
 
-def read_prompt(model: NativeModel, prompt: Prompt) -> tuple[list[int], bool]:
+def read_prompt(model: NativeModel, prompt: Prompt,
+                add_bos: bool = True) -> tuple[list[int], bool]:
     """The tokens the model reads for `prompt` (special-token text parsed only in the
-    template's segments), after a BOS if the vocabulary wants one and the prompt does not
-    start with it; and whether that BOS was added."""
+    template's segments), after a BOS if `add_bos`, the vocabulary wants one and the prompt
+    does not start with it; and whether that BOS was added."""
     tokens: list[int] = []
     for segment in prompt:
         tokens += model.tokenize(segment.text, parse_special=segment.special)
-    if model.add_bos and model.bos >= 0 and tokens[:1] != [model.bos]:
+    if add_bos and model.add_bos and model.bos >= 0 and tokens[:1] != [model.bos]:
         return [model.bos, *tokens], True
     return tokens, False
 
