@@ -37,7 +37,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
                                          settings.models_dir, settings.default_model)
     metrics = Metrics()
     if engine is None:
-        from server.engine.llama import LlamaEngine  # keeps llama.cpp out of fake-engine tests
+        from server.engine.manager import LlamaEngine  # keeps llama.cpp out of fake-engine tests
 
         engine = LlamaEngine(registry, settings, metrics)
 

@@ -117,6 +117,13 @@ class EngineFailure(ServerError):
     error_type = "server_error"
 
 
+class ClientDisconnected(ServerError):
+    """The client went away before its (non-streamed) reply was ready; nobody reads this."""
+
+    status_code = 499  # nginx's "client closed request"
+    error_type = "client_disconnected"
+
+
 class RequestTimedOut(ServerError):
     status_code = 504
     error_type = "server_error"

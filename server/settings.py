@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.durations import parse_duration
@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     kv_unified: bool = Field(
         False, description="one KV cache for all sequences instead of one stream each")
     batch_tokens: int = Field(512, ge=16, description="tokens per llama_decode step")
+    # llama.cpp's backend sampling: a request's sampler chain runs inside the decode graph (on
+    # the GPU) instead of on the host, where the request allows it (no grammar, no
+    # log-probabilities). "auto": on where layers are offloaded to a GPU.
+    backend_sampling: Literal["auto", "on", "off"] = "auto"
     threads: int = Field(default_factory=_default_threads, ge=1)
     cpu_repack: Literal["auto", "on", "off"] = "auto"
     # llama.cpp's flash attention ("auto": where the backend has it, as llama-server). On the
@@ -81,6 +85,15 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _batch_holds_every_sequence(self) -> Settings:
+        if self.parallel > self.batch_tokens:
+            raise ValueError(
+                f"parallel ({self.parallel}) is larger than batch_tokens ({self.batch_tokens}): "
+                "every running sequence needs a row in each decode step; lower --parallel or "
+                "raise GGSERVE_BATCH_TOKENS")
+        return self
 
     @field_validator("keep_alive", mode="before")
     @classmethod

@@ -8,9 +8,14 @@ One more, ``bert``, is an encoder for embedding tests (not in ``ARCHS``: it cann
 non-causal attention, learned positions, post-norm layers with biases, CLS pooling, and the
 same vocabulary read as a WordPiece (``bert``) tokenizer.
 
-The vocabulary is a SentencePiece-style ``llama`` tokenizer: ``<unk> <s> </s>``, then the
-caller's special tokens (CONTROL), then the 256 byte-fallback tokens, then word pieces, so
-any text tokenizes and English text gives a sensible number of tokens. Note that llama.cpp
+The vocabulary (``tokenizer``) is one of ``TOKENIZERS``, with the token types that converted
+models carry: ``llama``, a SentencePiece tokenizer (Llama/Mistral/OpenChat): ``<unk> <s> </s>``,
+then the caller's special tokens (CONTROL) and user-defined tokens (USER_DEFINED), then the 256
+byte-fallback tokens, then word pieces, so any text tokenizes and English text gives a sensible
+number of tokens; ``gpt2``, a byte-level BPE (GPT-NeoX/StableLM/Memphis): ``<|endoftext|>``,
+the caller's tokens, the 256 byte symbols and merges that build the same words; ``falcon``, the
+same BPE behind Falcon's pre-tokenizer and its leading ``>>TITLE<<``... control tokens, with
+``<|endoftext|>`` at id 11 as in Falcon's own vocabulary. Note that llama.cpp
 also marks some special tokens end-of-generation by their text alone ("<|im_end|>",
 "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", ...), whatever ``eos_token`` says.
 
@@ -32,8 +37,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-__all__ = ["ARCHS", "DTYPES", "ENCODER_ARCHS", "SHAPES", "Shape", "main", "vocabulary",
-           "write_gguf"]
+__all__ = ["ARCHS", "DTYPES", "ENCODER_ARCHS", "SHAPES", "TOKENIZERS", "Shape",
+           "bpe_vocabulary", "main", "vocabulary", "write_gguf"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,11 @@ SHAPES: dict[str, Shape] = {
 }
 
 ARCHS = ("llama", "stablelm", "falcon")
+TOKENIZERS = ("llama", "gpt2", "falcon")
+# Falcon's first tokens, all control tokens; its <|endoftext|> follows at id 11.
+_FALCON_CONTROLS = (">>TITLE<<", ">>ABSTRACT<<", ">>INTRODUCTION<<", ">>SUMMARY<<", ">>COMMENT<<",
+                    ">>ANSWER<<", ">>QUESTION<<", ">>DOMAIN<<", ">>PREFIX<<", ">>SUFFIX<<",
+                    ">>MIDDLE<<")
 ENCODER_ARCHS = ("bert",)
 # Matrix types: plain floats, or ggml blocks (written directly as random blocks, so that a
 # big model can be written quantized without an f16 copy on disk first).
@@ -118,18 +128,25 @@ The A An In It This That What How Why When Where Who I We You He She They Hello 
 _WORDS = _WORD_TEXT.split()
 
 
+def _add_tokens(tokens: list[str], types: list[gguf.TokenType], special_tokens: Sequence[str],
+                user_defined_tokens: Sequence[str]) -> None:
+    for texts, kind in ((special_tokens, gguf.TokenType.CONTROL),
+                        (user_defined_tokens, gguf.TokenType.USER_DEFINED)):
+        for text in texts:
+            if not text:
+                raise ValueError("special tokens must not be empty")
+            if text not in tokens:
+                tokens.append(text)
+                types.append(kind)
+
+
 def vocabulary(
-    special_tokens: Sequence[str] = (),
+    special_tokens: Sequence[str] = (), user_defined_tokens: Sequence[str] = (),
 ) -> tuple[list[str], list[float], list[gguf.TokenType]]:
     """The tokens, scores and token types of the SentencePiece-style vocabulary."""
     tokens = ["<unk>", "<s>", "</s>"]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    for text in special_tokens:
-        if not text:
-            raise ValueError("special tokens must not be empty")
-        if text not in tokens:
-            tokens.append(text)
-            types.append(gguf.TokenType.CONTROL)
+    _add_tokens(tokens, types, special_tokens, user_defined_tokens)
     for byte in range(256):
         tokens.append(f"<0x{byte:02X}>")
         types.append(gguf.TokenType.BYTE)
@@ -149,6 +166,40 @@ def vocabulary(
         scores.append(-float(rank))
         types.append(gguf.TokenType.NORMAL)
     return tokens, scores, types
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's bytes_to_unicode: each byte as a printable character ("Ġ" is the space)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    symbols, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b], extra = chr(256 + extra), extra + 1
+    return [symbols[b] for b in range(256)]
+
+
+def bpe_vocabulary(
+    special_tokens: Sequence[str] = (), user_defined_tokens: Sequence[str] = (),
+    falcon: bool = False,
+) -> tuple[list[str], list[gguf.TokenType], list[str]]:
+    """The tokens, token types and merges of the byte-level BPE vocabulary."""
+    tokens = [*(_FALCON_CONTROLS if falcon else ()), "<|endoftext|>"]
+    types = [gguf.TokenType.CONTROL] * len(tokens)
+    _add_tokens(tokens, types, special_tokens, user_defined_tokens)
+    bytes_ = _byte_symbols()
+    tokens += bytes_
+    types += [gguf.TokenType.NORMAL] * 256
+    seen, merges = set(tokens), []
+    # Space-prefixed words first: their merges rank before those of bare words, so " the"
+    # becomes "Ġthe" rather than "Ġ" + "the".
+    for form in [*("Ġ" + w for w in _WORDS), *_WORDS]:
+        for n in range(2, len(form) + 1):
+            if form[:n] not in seen:
+                seen.add(form[:n])
+                tokens.append(form[:n])
+                types.append(gguf.TokenType.NORMAL)
+                merges.append(f"{form[:n - 1]} {form[n - 1]}")
+    return tokens, types, merges
 
 
 def _tensor_specs(arch: str, shape: Shape, n_vocab: int) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -263,10 +314,13 @@ def write_gguf(
     special_tokens: Sequence[str] = (),
     chat_template: str | None = None,
     add_bos: bool = True,
-    eos_token: str = "</s>",
+    eos_token: str | None = None,
     seed: int = 0,
     dtype: str = "f32",
     rope_freq_base: float = 10000.0,
+    tokenizer: str = "llama",
+    user_defined_tokens: Sequence[str] = (),
+    name: str | None = None,
 ) -> Path:
     """Write a random-weight GGUF model to `path` (streamed tensor by tensor); return it."""
     if arch not in ARCHS + ENCODER_ARCHS:
@@ -279,25 +333,43 @@ def write_gguf(
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape.n_embd % block or shape.n_ff % block:
         raise ValueError(f"{dtype} needs n_embd and n_ff to be multiples of {block}: {shape}")
-    tokens, scores, types = vocabulary(special_tokens)
+    if tokenizer not in TOKENIZERS or (arch == "bert" and tokenizer != "llama"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r} for {arch}; expected one of "
+                         f"{TOKENIZERS[:1] if arch == 'bert' else TOKENIZERS}")
+    scores: list[float] | None = None
+    merges: list[str] | None = None
+    if tokenizer == "llama":
+        tokens, scores, types = vocabulary(special_tokens, user_defined_tokens)
+        bos, eos_token = 1, eos_token or "</s>"
+    else:
+        tokens, types, merges = bpe_vocabulary(special_tokens, user_defined_tokens,
+                                               falcon=tokenizer == "falcon")
+        bos, eos_token = tokens.index("<|endoftext|>"), eos_token or "<|endoftext|>"
     if arch == "bert":  # WordPiece has no byte fallback: llama.cpp aborts on BYTE tokens
         types = [gguf.TokenType.NORMAL if t == gguf.TokenType.BYTE else t for t in types]
-    if eos_token not in tokens[: len(tokens) - 256]:
-        raise ValueError(f"eos_token {eos_token!r} is not <unk>, <s>, </s> or a special token")
+    if eos_token not in tokens or types[tokens.index(eos_token)] == gguf.TokenType.NORMAL:
+        raise ValueError(f"eos_token {eos_token!r} is not a control or special token")
 
     path = Path(path)
     specs = list(_tensor_specs(arch, shape, len(tokens)))
 
     w = gguf.GGUFWriter(path, arch)
-    w.add_name(f"random-{arch}")
+    w.add_name(name or f"random-{arch}")  # llama.cpp sets some token attributes by name
     w.add_file_type(file_type)
     _add_hparams(w, arch, shape, rope_freq_base)
-    w.add_tokenizer_model("bert" if arch == "bert" else "llama")
+    w.add_tokenizer_model("bert" if arch == "bert" else "llama" if tokenizer == "llama"
+                          else "gpt2")
+    if tokenizer != "llama":
+        w.add_tokenizer_pre("falcon" if tokenizer == "falcon" else "gpt-2")
     w.add_token_list(tokens)
-    w.add_token_scores(scores)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges is not None:
+        w.add_token_merges(merges)
     w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
+    if tokenizer == "llama":
+        w.add_unk_token_id(0)
+    w.add_bos_token_id(bos)
     w.add_eos_token_id(tokens.index(eos_token))
     if arch == "bert":  # WordPiece: [CLS] text [SEP], here <s> text </s>
         w.add_sep_token_id(2)
@@ -342,7 +414,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--special-token", action="append", default=[], dest="special_tokens",
                         help="a CONTROL token to add (repeatable)")
-    parser.add_argument("--eos-token", default="</s>")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="llama")
+    parser.add_argument("--user-defined-token", action="append", default=[],
+                        dest="user_defined_tokens", help="a USER_DEFINED token (repeatable)")
+    parser.add_argument("--eos-token")
     parser.add_argument("--chat-template-file", type=Path)
     parser.add_argument("--rope-freq-base", type=float, default=10000.0)
     args = parser.parse_args(argv)
@@ -353,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     template = args.chat_template_file.read_text() if args.chat_template_file else None
     path = write_gguf(args.out, args.arch, shape=shape, special_tokens=args.special_tokens,
                       chat_template=template, eos_token=args.eos_token, seed=args.seed,
-                      dtype=args.dtype, rope_freq_base=args.rope_freq_base)
+                      dtype=args.dtype, rope_freq_base=args.rope_freq_base,
+                      tokenizer=args.tokenizer, user_defined_tokens=args.user_defined_tokens)
     print(f"{path}: {args.arch} {shape} {args.dtype}, {path.stat().st_size / 2**30:.2f} GiB")
 
 

@@ -134,9 +134,9 @@ def test_openchat_prompt_tokens(client: openai.OpenAI, vocabs: dict[str, Llama])
     vocab = vocabs["llama-openchat"]
     reply = client.chat.completions.create(model="tiny-openchat", max_tokens=1,
                                            messages=[{"role": "user", "content": "hello"}])
-    expected = [vocab.token_bos(), *tok(vocab, "GPT4 Correct User: ", True),
-                *tok(vocab, "hello", False),
-                *tok(vocab, "<|end_of_turn|>GPT4 Correct Assistant:", True)]
+    # The whole rendered prompt as the model's tokenizer reads it (one space before "hello").
+    expected = tok(vocab, "<s>GPT4 Correct User: hello<|end_of_turn|>GPT4 Correct Assistant:",
+                   True)
     assert reply.usage.prompt_tokens == len(expected)
 
 
@@ -187,8 +187,7 @@ def test_embedded_chat_template_is_used(client: openai.OpenAI, vocabs: dict[str,
     vocab = vocabs["llama-pearl"]
     reply = client.chat.completions.create(model="tiny-pearl", max_tokens=1,
                                            messages=[{"role": "user", "content": "hello"}])
-    expected = [vocab.token_bos(), *tok(vocab, "[INST] ", True), *tok(vocab, "hello", False),
-                *tok(vocab, " [/INST]", True)]
+    expected = tok(vocab, "<s>[INST] hello [/INST]", True)  # the whole prompt, as it reads it
     assert reply.usage.prompt_tokens == len(expected)
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from server.engine import llama as engine_module
+from server.engine import manager as engine_module
 from server.engine.devices import MIN_MARGIN, gpus, place
 from server.engine.ggufmeta import GGUFInfo, read_gguf
-from server.engine.llama import LlamaEngine
+from server.engine.manager import LlamaEngine
 from server.metrics import Metrics
 from server.registry import Registry
 from server.settings import Settings

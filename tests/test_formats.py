@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from server.prompts import prompt_text, render_chat
-from server.reasoning import ReasoningSplitter
+from server.chat.families.reasoning import Reasoning, ReasoningSplitter
+from server.chat.template import prompt_text, render_chat
+from server.engine import vocab
+from server.engine.native import NativeModel
 from server.registry import Registry
 from server.settings import Settings
+from tests.vocab_models import vocab_models
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 Q1 = {"role": "user", "content": "What is 2+2?"}
@@ -63,6 +68,33 @@ def test_format_renders_byte_for_byte(registry: Registry, model: str, case: str)
     assert render(registry, model, CONVERSATIONS[case]) == GOLDEN[model][case]
 
 
+# Each target's kind of vocabulary: Memphis is GPT-NeoX's byte-level BPE, OpenChat
+# SentencePiece, Alfred Falcon's BPE.
+VOCAB_KINDS = {"memphis-cot-3b": "bpe", "memphis-cot-3b-reasoning": "bpe",
+               "openchat-3.5-0106": "spm", "alfred-40b-1023": "falcon"}
+
+
+@pytest.fixture(scope="module")
+def vocabs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NativeModel]]:
+    with vocab_models(tmp_path_factory.mktemp("vocabs")) as models:
+        yield models
+
+
+@pytest.mark.parametrize(("model", "case"), [(m, c) for m in GOLDEN for c in CONVERSATIONS])
+def test_format_reads_the_tokens_of_its_golden_text(registry: Registry,
+                                                    vocabs: dict[str, NativeModel], model: str,
+                                                    case: str) -> None:
+    """The tokens are the model's tokenizer's on the whole golden text, special tokens parsed
+    (not the message tokenized apart, which gives SentencePiece a second space)."""
+    vocab_model = vocabs[VOCAB_KINDS[model]]
+    template = registry.template_source(registry.get(model))
+    assert template is not None
+    prompt = render_chat(template, CONVERSATIONS[case], bos_token="<s>", eos_token="</s>",
+                         special_tokens=vocab.special_texts(vocab_model))
+    tokens, _ = vocab.read_prompt(vocab_model, prompt, add_bos=False)
+    assert tokens == vocab_model.tokenize(GOLDEN[model][case], parse_special=True)
+
+
 def test_memphis_reasoning_history_keeps_a_returned_rationale(registry: Registry) -> None:
     answer = {"role": "assistant", "content": "4", "reasoning_content": "Two and two."}
     assert render(registry, "memphis-cot-3b-reasoning", [Q1, answer, Q2]) == (
@@ -74,7 +106,7 @@ def test_base_model_and_embedded_template_entries(registry: Registry) -> None:
     assert registry.get("stablelm-3b-4e1t").chat_template_off
     assert registry.template_source(registry.get("stablelm-3b-4e1t")) is None
     assert registry.get("pearl-7b-slerp").template is None  # the GGUF's own template
-    assert registry.get("alfred-40b-1023").rope.freq_base == pytest.approx(41829.0)
+    assert registry.get("alfred-40b-1023").rope.freq_base == pytest.approx(52664.434)
 
 
 def test_card_defaults_are_in_the_registry(registry: Registry) -> None:
@@ -105,7 +137,7 @@ def test_quant_tags_pick_published_files(registry: Registry) -> None:
     ["Two plus two is four.", "\n### Answer:\n4"],
 ])
 def test_reasoning_split_across_any_piece_boundary(pieces: list[str]) -> None:
-    splitter = ReasoningSplitter("\n### Answer:\n")
+    splitter = ReasoningSplitter(Reasoning("\n### Answer:\n"))
     parts = [p for piece in pieces for p in splitter.feed(piece)] + splitter.flush()
     reasoning = "".join(t for k, t in parts if k == "reasoning_content")
     content = "".join(t for k, t in parts if k == "content")

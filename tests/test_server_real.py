@@ -13,7 +13,7 @@ import openai
 import pytest
 from llama_cpp import Llama
 
-from server.prompts import prompt_text, render_chat
+from server.chat.template import prompt_text, render_chat
 from tests.conftest import LiveServer
 
 MODEL = "smollm2-135m-instruct"

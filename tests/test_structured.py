@@ -9,8 +9,9 @@ from typing import Any
 import jsonschema
 import pytest
 
+from server.chat.families.hermes import grammar as tool_call_grammar
 from server.errors import InvalidRequest
-from server.structured import json_object_grammar, json_schema_grammar, tool_call_grammar
+from server.grammar.json_schema import json_object_grammar, json_schema_grammar
 from tests.grammar_match import Vocab, default_vocab, grammar_accepts, grammar_parses
 
 
@@ -276,7 +277,7 @@ def call(name: str, arguments: Any) -> str:
 
 
 def test_tool_call_grammar(vocab: Vocab) -> None:
-    gbnf = tool_call_grammar(FUNCTIONS, parallel=False)
+    gbnf = tool_call_grammar(FUNCTIONS, False)
     for text in [call("get_weather", {"city": "Paris", "unit": "c"}),
                  call("search", {"query": "llama"}), call("get_time", {"zone": "CET"}),
                  call("ping", {}),
@@ -294,7 +295,7 @@ def test_tool_call_grammar(vocab: Vocab) -> None:
 
 
 def test_parallel_tool_calls(vocab: Vocab) -> None:
-    gbnf = tool_call_grammar(FUNCTIONS, parallel=True)
+    gbnf = tool_call_grammar(FUNCTIONS, True)
     two = call("get_weather", {"city": "Paris"}) + "\n" + call("get_time", {"zone": "UTC"})
     assert grammar_accepts(vocab, gbnf, two)
     assert grammar_accepts(vocab, gbnf, call("ping", {}))
@@ -304,7 +305,7 @@ def test_parallel_tool_calls(vocab: Vocab) -> None:
 def test_tool_parameter_errors_name_the_tool() -> None:
     bad = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}}
     with pytest.raises(InvalidRequest) as caught:
-        tool_call_grammar([("ok", WEATHER), ("bad", bad)], parallel=True)
+        tool_call_grammar([("ok", WEATHER), ("bad", bad)], True)
     assert caught.value.param == "tools[1].function.parameters"
     assert "'/properties/n/maximum'" in caught.value.message
     assert "function 'bad'" in caught.value.message
@@ -312,5 +313,5 @@ def test_tool_parameter_errors_name_the_tool() -> None:
 
 def test_grammars_parse_in_llama_cpp(vocab: Vocab) -> None:
     for gbnf in [json_object_grammar(), json_schema_grammar(PERSON),
-                 tool_call_grammar(FUNCTIONS, parallel=True)]:
+                 tool_call_grammar(FUNCTIONS, True)]:
         assert grammar_parses(vocab, gbnf)

@@ -1,4 +1,5 @@
-"""OpenAI tools in the Hermes `<tool_call>` format: validation, prompts, grammar, parsing."""
+"""OpenAI tools: validation, the Hermes-style prompt of the generic family, grammar, parsing
+(the other families: tests/chat/families/)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,11 @@ from typing import Any
 
 import pytest
 
+from server.chat.calls import CallParser, Content, ToolCall
+from server.chat.families.hermes import TRIGGER_PATTERN, TaggedSyntax
+from server.chat.families.templates import template_handles_tools
+from server.chat.tools import ToolPlan, plan_tools, prepare_messages
 from server.errors import InvalidRequest
-from server.tools import (
-    TRIGGER_PATTERN,
-    Content,
-    ToolCall,
-    ToolCallParser,
-    ToolPlan,
-    plan_tools,
-    prepare_messages,
-    template_handles_tools,
-)
 from tests.grammar_match import Vocab, default_vocab, grammar_accepts, lazy_grammar_accepts
 
 WEATHER = {"type": "function", "function": {
@@ -211,7 +206,7 @@ def test_native_templates_get_arguments_as_mappings() -> None:
 
 def parse(chunks: list[str]) -> list[Content | ToolCall]:
     """All items from a parser fed these chunks, adjacent content merged."""
-    parser = ToolCallParser()
+    parser = CallParser(TaggedSyntax())
     items = [item for chunk in chunks for item in parser.feed(chunk)] + parser.flush()
     merged: list[Content | ToolCall] = []
     for item in items:
@@ -248,7 +243,7 @@ def test_parser_plain_reply_is_kept_exactly() -> None:
 
 
 def test_parser_holds_back_a_possible_tag() -> None:
-    parser = ToolCallParser()
+    parser = CallParser(TaggedSyntax())
     assert parser.feed("Hi <tool_") == [Content("Hi")]
     assert parser.feed("ca") == []
     assert parser.feed("ll>\n{\"name\": \"get_time\", ") == []
@@ -257,7 +252,7 @@ def test_parser_holds_back_a_possible_tag() -> None:
     assert re.fullmatch(r"call_[A-Za-z0-9]{24}", call[0].id)
     assert parser.feed("\n\n") == []
     assert parser.flush() == []
-    other = ToolCallParser()
+    other = CallParser(TaggedSyntax())
     assert other.feed("a <tool") == [Content("a")]
     assert other.feed("box") == [Content(" <toolbox")]
 

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
-from server.api.chat_output import ChoiceOutput, Delta, assemble
+from server.api.chat_output import assemble
 from server.api.chat_schemas import (
     ChatChoice,
     ChatCompletion,
@@ -18,10 +18,15 @@ from server.api.chat_schemas import (
     ChunkChoice,
 )
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.api.generation import Generation
+from server.api.generation import Generation, collect_all
 from server.api.logprobs import ChoiceLogprobs
 from server.api.schemas import CompletionUsage, streamed
 from server.api.sse import sse_response
+from server.chat.families import GENERIC, prompt_family
+from server.chat.families.reasoning import reasoning_for
+from server.chat.output import ChoiceOutput, Delta
+from server.chat.template import Prompt, render_chat_async
+from server.chat.tools import ToolPlan, plan_tools, prepare_messages
 from server.engine.base import (
     ChoiceFinished,
     GenerationRequest,
@@ -32,9 +37,7 @@ from server.engine.base import (
     Usage,
 )
 from server.errors import InvalidRequest
-from server.prompts import Prompt, render_chat
 from server.registry import ModelSpec
-from server.tools import ToolPlan, plan_tools, prepare_messages, template_handles_tools
 
 router = APIRouter()
 
@@ -42,22 +45,24 @@ router = APIRouter()
 @router.post("/v1/chat/completions", response_model=None, responses=streamed(ChatCompletion))
 async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep,
                                  registry: RegistryDep, metrics: MetricsDep,
-                                 settings: SettingsDep) -> ChatCompletion | EventSourceResponse:
+                                 settings: SettingsDep,
+                                 http: Request) -> ChatCompletion | EventSourceResponse:
     body.check_limits(settings)
     spec = registry.get(body.model)
     info = await engine.model_info(spec.id)
-    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
-    request = _generation_request(body, spec, info, plan)
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls,
+                      info.chat_template)
+    request = await _generation_request(body, spec, info, plan)
     generation = await Generation.start(engine, request, metrics, "chat", "chatcmpl",
                                         settings.request_timeout_s)
-    separator = spec.reasoning.separator if spec.reasoning and \
-        body.reasoning_format != "none" else None
-    outputs = [ChoiceOutput(separator, tools=plan is not None) for _ in range(body.n)]
+    reasoning = None if body.reasoning_format == "none" else reasoning_for(
+        info.chat_template, request.prompt, spec.reasoning.separator if spec.reasoning else None)
+    outputs = [ChoiceOutput(reasoning, plan) for _ in range(body.n)]
     if body.stream:
         return sse_response(_chunks(generation, outputs, body.include_usage, body.logprobs),
                             on_close=generation.stream.cancel,
                             exclude=None if body.include_usage else {"usage"})
-    result = await generation.collect(body.n)
+    result, = await collect_all([generation], body.n, http)
     choices = []
     for i, output in enumerate(outputs):
         message = assemble(output.feed(result.text(i)) + output.flush())
@@ -69,8 +74,8 @@ async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep,
                           choices=choices, usage=CompletionUsage.of(result.usage))
 
 
-def chat_prompt(spec: ModelSpec, info: ModelInfo, messages: list[dict[str, Any]],
-                plan: ToolPlan | None, add_generation_prompt: bool = True) -> Prompt:
+async def chat_prompt(spec: ModelSpec, info: ModelInfo, messages: list[dict[str, Any]],
+                      plan: ToolPlan | None, add_generation_prompt: bool = True) -> Prompt:
     """The prompt for `messages`, with the tools of `plan` described as the template allows
     (also what POST /tokenize counts for messages)."""
     if info.chat_template is None:
@@ -78,18 +83,21 @@ def chat_prompt(spec: ModelSpec, info: ModelInfo, messages: list[dict[str, Any]]
             f"The model '{spec.id}' has no chat template (it is a base model, and its GGUF "
             "carries none): use /v1/completions, or name a 'template' for it in models.yaml.",
             param="model")
-    native = template_handles_tools(info.chat_template)
+    native = prompt_family(info.chat_template) is not GENERIC
     extra: dict[str, Any] = {}
     if plan is not None and native:
         extra["tools"] = [f.spec() for f in plan.functions]
-    return render_chat(info.chat_template, prepare_messages(messages, plan, native),
-                       bos_token=info.bos_token, eos_token=info.eos_token,
-                       add_generation_prompt=add_generation_prompt, extra=extra)
+    return await render_chat_async(
+        info.chat_template, prepare_messages(messages, plan, native),
+        bos_token=info.bos_token, eos_token=info.eos_token,
+        add_generation_prompt=add_generation_prompt, extra=extra,
+        special_tokens=info.special_tokens,
+        template_name=f"The chat template of model '{spec.id}'")
 
 
-def _generation_request(body: ChatCompletionRequest, spec: ModelSpec, info: ModelInfo,
-                        plan: ToolPlan | None) -> GenerationRequest:
-    prompt = chat_prompt(spec, info, [m.as_template_input() for m in body.messages], plan)
+async def _generation_request(body: ChatCompletionRequest, spec: ModelSpec, info: ModelInfo,
+                              plan: ToolPlan | None) -> GenerationRequest:
+    prompt = await chat_prompt(spec, info, [m.as_template_input() for m in body.messages], plan)
     request = body.to_generation(spec, prompt)
     if plan is None:
         return request
@@ -97,7 +105,8 @@ def _generation_request(body: ChatCompletionRequest, spec: ModelSpec, info: Mode
         raise InvalidRequest("response_format and tools cannot constrain the same reply: "
                              "send one of them, or tool_choice 'none'", param="response_format")
     return replace(request, grammar=Grammar(
-        plan.gbnf, plan.trigger_pattern if plan.lazy else None, param="tools"))
+        plan.gbnf, plan.trigger_pattern if plan.lazy else None, param="tools"),
+        preserved=plan.family.preserved)
 
 
 async def _chunks(generation: Generation, outputs: list[ChoiceOutput], include_usage: bool,

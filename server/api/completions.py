@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
@@ -30,6 +30,7 @@ from server.api.schemas import (
     streamed,
 )
 from server.api.sse import sse_response
+from server.chat.template import plain_prompt
 from server.engine.base import (
     ChoiceFinished,
     PromptTokens,
@@ -38,15 +39,14 @@ from server.engine.base import (
     TokenLogprob,
     Usage,
 )
-from server.prompts import plain_prompt
 
 router = APIRouter()
 
 
 @router.post("/v1/completions", response_model=None, responses=streamed(Completion))
 async def create_completion(body: CompletionRequest, engine: EngineDep, registry: RegistryDep,
-                            metrics: MetricsDep,
-                            settings: SettingsDep) -> Completion | EventSourceResponse:
+                            metrics: MetricsDep, settings: SettingsDep,
+                            http: Request) -> Completion | EventSourceResponse:
     body.check_limits(settings)
     spec = registry.get(body.model)
     prompts = body.prompts()
@@ -61,7 +61,7 @@ async def create_completion(body: CompletionRequest, engine: EngineDep, registry
 
         return sse_response(_chunks(generations, prompts, body), on_close=cancel,
                             exclude=None if body.include_usage else {"usage"})
-    results = await collect_all(generations, body.n)
+    results = await collect_all(generations, body.n, http)
     first = generations[0]
     return Completion(
         id=first.id, created=first.created, model=first.model,

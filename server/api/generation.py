@@ -9,6 +9,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from starlette.requests import Request
+
 from server.engine.base import (
     ChoiceFinished,
     Engine,
@@ -21,10 +23,13 @@ from server.engine.base import (
     TokenLogprob,
     Usage,
 )
-from server.errors import RequestTimedOut, ServerError
+from server.errors import ClientDisconnected, RequestTimedOut, ServerError
 from server.metrics import Metrics
 
 log = logging.getLogger("server.requests")
+SETTLE_TIMEOUT_S = 10.0  # longest wait for a stopped request's token counts
+# Tasks that count a stopped request's tokens: held here so that they are not collected.
+_settling: set[asyncio.Task[None]] = set()
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Generation:
     first_token_at: float | None = None
     _last_delta_at: dict[int, float] = field(default_factory=dict)
     timeout_s: float = 600.0
+    streamed: bool = True
 
     @classmethod
     async def start(cls, engine: Engine, request: GenerationRequest, metrics: Metrics,
@@ -50,7 +56,7 @@ class Generation:
         started = time.perf_counter()
         stream = await engine.generate(request)
         return cls(f"{id_prefix}-{uuid.uuid4().hex}", request.model, int(time.time()), stream,
-                   metrics, endpoint, started, timeout_s=timeout_s)
+                   metrics, endpoint, started, timeout_s=timeout_s, streamed=request.stream)
 
     async def _timed(self) -> AsyncIterator[Event]:
         """The engine's events, ending in RequestTimedOut past the request's deadline.
@@ -72,6 +78,8 @@ class Generation:
             async for event in self.stream:
                 if not expired:
                     yield event
+                elif isinstance(event, Usage):  # what the request used until it was stopped
+                    self._count_usage(event)
         finally:
             timer.cancel()
         if expired:
@@ -104,7 +112,24 @@ class Generation:
             m.requests_running.labels(model).dec()
             m.requests.labels(model, self.endpoint, outcome).inc()
             m.e2e_latency.labels(model).observe(time.perf_counter() - self.started)
-            self._log(outcome)
+            if self.usage is None:
+                # Stopped early (disconnect, cancel): the engine sends the token counts once it
+                # has stopped the request, within a step; count and log them then.
+                task = asyncio.get_running_loop().create_task(self._settle(outcome))
+                _settling.add(task)
+                task.add_done_callback(_settling.discard)
+            else:
+                self._log(outcome)
+
+    async def _settle(self, outcome: str) -> None:
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                async for event in self.stream:
+                    if isinstance(event, Usage):
+                        self._count_usage(event)
+        except (Exception, TimeoutError):  # the request is over either way; log what we know
+            pass
+        self._log(outcome)
 
     def _time_delta(self, delta: TextDelta) -> None:
         now = time.perf_counter()
@@ -112,7 +137,7 @@ class Generation:
             self.first_token_at = now
             self.metrics.time_to_first_token.labels(self.model).observe(now - self.started)
         last = self._last_delta_at.get(delta.index)
-        if last is not None:
+        if last is not None and self.streamed:  # a whole reply arrives in one piece
             self.metrics.inter_token_latency.labels(self.model).observe(now - last)
         self._last_delta_at[delta.index] = now
 
@@ -183,14 +208,31 @@ async def start_all(engine: Engine, requests: Sequence[GenerationRequest], metri
     return started
 
 
-async def collect_all(generations: Sequence[Generation], n: int) -> list[Collected]:
-    """Collect a batch's generations side by side; one failing cancels the rest."""
+async def collect_all(generations: Sequence[Generation], n: int,
+                      request: Request | None = None) -> list[Collected]:
+    """Collect a batch's generations side by side; one failing cancels the rest, and so does
+    the client of `request` going away (ClientDisconnected)."""
     tasks = [asyncio.ensure_future(g.collect(n)) for g in generations]
+    gathered: asyncio.Future[list[Collected]] = asyncio.gather(*tasks)
+    watcher = asyncio.ensure_future(_disconnect(request)) if request is not None else None
     try:
-        return list(await asyncio.gather(*tasks))
+        if watcher is not None:
+            await asyncio.wait([gathered, watcher],  # type: ignore[type-var]
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not gathered.done():
+                raise ClientDisconnected("The client closed the connection.")
+        return list(await gathered)
     finally:
         for task in tasks:
             task.cancel()
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def merged_events(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, Event]]:

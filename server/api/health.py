@@ -22,8 +22,10 @@ async def ready(request: Request, engine: EngineDep, registry: RegistryDep) -> J
     """Readiness: accepting, the models that must be preloaded are loaded, no queue is full."""
     required = dict.fromkeys([registry.default, *request.app.state.settings.preload])
     missing = [m for m in required if m not in engine.loaded()]
+    failed = [m for m in engine.loaded() if engine.status(m).state == "failed"]
     problems = ([] if request.app.state.accepting else ["not accepting requests"]) + \
         [f"model {m} not loaded" for m in missing] + \
+        [f"model {m} failed: {engine.status(m).error}" for m in failed] + \
         (["a request queue is full"] if engine.overloaded() else [])
     return JSONResponse({"status": "not ready" if problems else "ready", "problems": problems},
                         status_code=503 if problems else 200)

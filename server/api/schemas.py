@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.api.logprobs import MAX_TOP_LOGPROBS, CompletionLogprobs
+from server.chat.template import Prompt
 from server.durations import parse_duration
 from server.engine.base import (
     GenerationRequest,
@@ -21,10 +22,9 @@ from server.engine.base import (
     Usage,
 )
 from server.errors import InvalidRequest
-from server.prompts import Prompt
+from server.grammar.json_schema import json_object_grammar, json_schema_grammar
 from server.registry import ModelSpec
 from server.settings import Settings
-from server.structured import json_object_grammar, json_schema_grammar
 
 MAX_STOP_STRINGS = 16
 MAX_PROMPTS = 128
@@ -123,7 +123,7 @@ class GenerationBody(_Request):
             + tuple(self.stop_token_ids or ()),
             n=self.n,
             keep_alive=None if self.keep_alive is None else float(self.keep_alive),
-            grammar=self._grammar(), **self._output_options())
+            grammar=self._grammar(), stream=self.stream, **self._output_options())
 
     def _output_options(self) -> dict[str, Any]:
         """Engine options an endpoint adds (log-probabilities, echo)."""

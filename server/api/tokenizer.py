@@ -13,12 +13,12 @@ from server.api.chat import chat_prompt
 from server.api.chat_schemas import ChatMessage
 from server.api.deps import EngineDep, RegistryDep, SettingsDep
 from server.api.schemas import ERROR_RESPONSES
+from server.chat.template import Prompt, plain_prompt
+from server.chat.tools import plan_tools
 from server.engine.base import ModelInfo
 from server.errors import EmbeddingModelOnly, InvalidRequest
-from server.prompts import Prompt, plain_prompt
 from server.registry import ModelSpec, Registry
 from server.settings import Settings
-from server.tools import plan_tools
 
 router = APIRouter()
 _RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -102,7 +102,7 @@ async def tokenize(body: TokenizeRequest, engine: EngineDep, registry: RegistryD
         prompt = plain_prompt(body.prompt)  # as /v1/completions reads it
         add_special = body.add_special_tokens is not False
     else:
-        prompt = _chat_prompt(body, spec, info, settings)
+        prompt = await _chat_prompt(body, spec, info, settings)
         add_special = True  # what the chat endpoint feeds: BOS as the vocabulary asks
     tokens = await engine.tokenize(spec.id, prompt, add_special)
     texts = await engine.token_texts(spec.id, tokens) if body.return_token_strs else None
@@ -122,14 +122,14 @@ def _spec(registry: Registry, model: str | None) -> ModelSpec:
     return registry.get(model or registry.default)
 
 
-def _chat_prompt(body: TokenizeRequest, spec: ModelSpec, info: ModelInfo,
-                 settings: Settings) -> Prompt:
+async def _chat_prompt(body: TokenizeRequest, spec: ModelSpec, info: ModelInfo,
+                       settings: Settings) -> Prompt:
     messages = body.messages or []
     if spec.embedding:
         raise EmbeddingModelOnly(spec.id)
     if len(messages) > settings.max_messages:
         raise InvalidRequest(f"{len(messages)} messages; this server allows at most "
                              f"{settings.max_messages}.", param="messages")
-    plan = plan_tools(body.tools, body.tool_choice, None)
-    return chat_prompt(spec, info, [m.as_template_input() for m in messages], plan,
-                       add_generation_prompt=body.add_generation_prompt)
+    plan = plan_tools(body.tools, body.tool_choice, None, info.chat_template)
+    return await chat_prompt(spec, info, [m.as_template_input() for m in messages], plan,
+                             add_generation_prompt=body.add_generation_prompt)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from typing_extensions import TypeIs
 
-from server.prompts import Prompt
+from server.chat.template import Prompt
 
 if TYPE_CHECKING:
     from server.registry import Registry
@@ -67,6 +67,13 @@ class GenerationRequest:
     echo: bool = False  # send the prompt's tokens back (PromptTokens)
     prompt_logprobs: int | None = None  # with echo: the prompt tokens' log-probabilities too
     grammar: Grammar | None = None
+    # False: the client reads the reply whole, so the engine may hand over its text in one
+    # piece at the end (after the first text, which times the first token) instead of waking
+    # the event loop for every token.
+    stream: bool = True
+    # Control tokens whose text the output keeps (a tool-call format's `[TOOL_CALLS]`,
+    # `<|python_tag|>`), as llama-server's preserved_tokens; other control tokens add no text.
+    preserved: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,9 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
+    # The texts llama.cpp reads as special (control) tokens when it parses special-token
+    # text: the renderer keeps client text that contains one of them unparsed.
+    special_tokens: tuple[str, ...] = ()
 
 
 ModelState = Literal["available", "downloading", "loading", "loaded", "failed"]

@@ -32,6 +32,7 @@ class ContextConfig:
     # copies the prompt's stream).
     kv_unified: bool = False
     flash_attn: str = "auto"
+    backend_sampling: bool = False  # sampler chains in the decode graph where requests allow
 
 
 def context_params(config: ContextConfig) -> Any:

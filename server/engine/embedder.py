@@ -17,6 +17,7 @@ from typing import Any
 
 import llama_cpp as lc
 
+from server.chat.template import Prompt, prompt_text
 from server.engine.base import Embeddings
 from server.engine.context import ContextConfig, context_params, create_context
 from server.engine.native import NativeModel
@@ -29,7 +30,6 @@ from server.errors import (
     ServerShuttingDown,
 )
 from server.metrics import Metrics
-from server.prompts import Prompt, prompt_text
 
 POOLING = {"mean": lc.LLAMA_POOLING_TYPE_MEAN, "cls": lc.LLAMA_POOLING_TYPE_CLS,
            "last": lc.LLAMA_POOLING_TYPE_LAST}
@@ -46,8 +46,10 @@ class Embedder:
     """Owns an embedding model's llama_context; `embed()` runs on its worker thread.
 
     Offers what the engine's residency uses of a Scheduler: `model`, `config.max_waiting`,
-    `waiting`, `kv_cells`, `tokenize()` and `close()`.
+    `waiting`, `kv_cells`, `failure`, `tokenize()` and `close()`.
     """
+
+    failure: str | None = None  # a request's failure is its own; the worker never dies
 
     def __init__(self, model: NativeModel, config: ContextConfig, pooling: str | None,
                  name: str, metrics: Metrics) -> None:

@@ -8,6 +8,7 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from server.chat.template import Prompt, prompt_text
 from server.engine.base import (
     ChoiceFinished,
     Embeddings,
@@ -29,7 +30,6 @@ from server.errors import (
     NotAnEmbeddingModel,
     UnknownToken,
 )
-from server.prompts import Prompt, prompt_text
 from server.registry import Registry
 
 CHATML = (
@@ -89,7 +89,8 @@ class FakeEngine:
     async def model_info(self, model: str) -> ModelInfo:
         if model not in self.models:
             raise ModelNotFound(model, list(self.models))
-        return ModelInfo(model, self.n_ctx, self.chat_template, "<s>", "</s>")
+        return ModelInfo(model, self.n_ctx, self.chat_template, "<s>", "</s>",
+                         special_tokens=tuple(FAKE_SPECIAL.values()))
 
     async def generate(self, request: GenerationRequest) -> _FakeStream:
         await self.model_info(request.model)

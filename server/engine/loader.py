@@ -15,9 +15,9 @@ from server.engine.context import ContextConfig
 from server.engine.devices import Placement
 from server.engine.embedder import Embedder
 from server.engine.ggufmeta import GGUFInfo
+from server.engine.llama.scheduler import Scheduler
 from server.engine.native import NativeModel, repack_enabled
-from server.engine.scheduler import Scheduler
-from server.engine.vocab import tokenizer_info
+from server.engine.vocab import special_texts, tokenizer_info
 from server.metrics import Metrics
 from server.registry import ModelSpec, Registry, RopeSpec
 from server.settings import Settings
@@ -62,7 +62,9 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
         kv_cells=(settings.kv_unified and settings.kv_cache_tokens)
         or n_ctx * settings.parallel,
         max_waiting=settings.max_waiting, kv_unified=settings.kv_unified,
-        flash_attn=settings.flash_attn)
+        flash_attn=settings.flash_attn,
+        backend_sampling=settings.backend_sampling == "on" or (
+            settings.backend_sampling == "auto" and plan.gpu_layers > 0))
     try:
         worker = Embedder(model, config, spec.pooling, spec.id, metrics) if spec.embedding \
             else Scheduler(model, config, spec.id, metrics)
@@ -73,7 +75,8 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
         id=spec.id, n_ctx=n_ctx,
         chat_template=None if spec.chat_template_off else (
             registry.template_source(spec) or model.meta("tokenizer.chat_template")),
-        bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos))
+        bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos),
+        special_tokens=special_texts(model))
     log.info("model %s ready on %s: context %d tokens per request, %s, "
              "%.2f GiB RAM + %.2f GiB VRAM", spec.id, device, n_ctx,
              f"embeddings with {worker.pooling} pooling" if isinstance(worker, Embedder)

@@ -11,15 +11,13 @@ from typing import Any
 
 import llama_cpp as lc
 
-from server.engine.base import Grammar, SamplingParams
-from server.errors import InvalidRequest, ModelLoadFailed
+from server.errors import ModelLoadFailed
 
 log = logging.getLogger("server.engine")
 _native_log = logging.getLogger("llama.cpp")
 # ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (continues the last line).
 _LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING,
            4: logging.ERROR}
-PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 _init_lock = threading.Lock()
 _state: dict[str, Any] = {}
 _load_errors = threading.local()  # llama.cpp's error lines while this thread loads a model
@@ -35,7 +33,7 @@ def _on_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         line, _state["line"] = _state["line"].rstrip(), ""
         # llama.cpp's INFO is a firehose (every tensor of every load): keep it at DEBUG. Its
         # n_ctx_seq warning is about the unified KV cache's total size; the engine checks the
-        # per-request window against the training context itself (engine/llama.py).
+        # per-request window against the training context itself (engine/manager.py).
         level_ = _state["level"]
         if "n_ctx_seq" in line and "n_ctx_train" in line:
             level_ = logging.DEBUG
@@ -114,6 +112,7 @@ class NativeModel:
         self.kv_bytes_per_token = (2 * 2 * int(lc.llama_model_n_layer(ptr)) * head
                                    * int(lc.llama_model_n_head_kv(ptr)))
         self._pieces: dict[int, bytes] = {}
+        self._output_pieces: dict[int, bytes] = {}
 
     def close(self) -> None:
         if self.ptr:
@@ -169,77 +168,14 @@ class NativeModel:
             cached = self._pieces[token] = self.piece(token, special=True)
         return cached
 
+    def output_piece(self, token: int) -> bytes:
+        """`piece(token)`, cached: the scheduler asks for every generated token."""
+        cached = self._output_pieces.get(token)
+        if cached is None:
+            cached = self._output_pieces[token] = self.piece(token)
+        return cached
+
     def single_token(self, text: str) -> int | None:
         """The id of `text` if it is one token of the vocabulary (e.g. `<|im_end|>`)."""
         tokens = self.tokenize(text, parse_special=True)
         return tokens[0] if len(tokens) == 1 else None
-
-
-def grammar_sampler(vocab: Any, grammar: Grammar) -> Any:
-    """A llama.cpp grammar sampler for `grammar` (lazy when it has a trigger), or None when
-    llama.cpp cannot parse it."""
-    if grammar.trigger_pattern is None:
-        return lc.llama_sampler_init_grammar(vocab, grammar.gbnf.encode(), b"root")
-    patterns = (ctypes.c_char_p * 1)(grammar.trigger_pattern.encode())
-    return lc.llama_sampler_init_grammar_lazy_patterns(
-        vocab, grammar.gbnf.encode(), b"root", patterns, 1, None, 0)
-
-
-def check_grammar(vocab: Any, grammar: Grammar) -> None:
-    """Raise InvalidRequest when llama.cpp cannot parse `grammar`."""
-    sampler = grammar_sampler(vocab, grammar)
-    if not sampler:
-        raise InvalidRequest("llama.cpp could not parse the grammar made for this request; "
-                             "simplify the schema", param=grammar.param)
-    lc.llama_sampler_free(sampler)
-
-
-class SamplerChain:
-    """A native llama_sampler chain for one sequence; sampling never loops in Python.
-
-    A grammar goes first: it masks the tokens that would break it before anything else picks.
-    """
-
-    def __init__(self, params: SamplingParams, n_vocab: int, seed: int | None,
-                 grammar: Any = None) -> None:
-        self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if grammar:
-            self._add(grammar)
-        if params.logit_bias:
-            biases = (lc.llama_logit_bias * len(params.logit_bias))()
-            for slot, (token, bias) in zip(biases, params.logit_bias.items(), strict=True):
-                slot.token, slot.bias = token, bias
-            self._add(lc.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
-        self._penalties = None
-        if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
-            self._penalties = lc.llama_sampler_init_penalties(
-                n_vocab, PENALTY_WINDOW, params.repeat_penalty, params.frequency_penalty,
-                params.presence_penalty)
-            self._add(self._penalties)
-        if params.temperature <= 0:
-            self._add(lc.llama_sampler_init_greedy())
-            return
-        if params.top_k > 0:
-            self._add(lc.llama_sampler_init_top_k(params.top_k))
-        self._add(lc.llama_sampler_init_top_p(params.top_p, 1))
-        self._add(lc.llama_sampler_init_min_p(params.min_p, 1))
-        self._add(lc.llama_sampler_init_temp(params.temperature))
-        self._add(lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED if seed is None else seed))
-
-    def _add(self, sampler: Any) -> None:
-        lc.llama_sampler_chain_add(self.ptr, sampler)
-
-    def prime(self, prompt: list[int]) -> None:
-        """Let the penalties count the prompt's last tokens too, as llama-server's do."""
-        if self._penalties is not None:
-            for token in prompt[-PENALTY_WINDOW:]:
-                lc.llama_sampler_accept(self._penalties, token)
-
-    def sample(self, ctx: Any, batch_index: int) -> int:
-        """Sample from the logits of batch row `batch_index` and accept the token."""
-        return int(lc.llama_sampler_sample(self.ptr, ctx, batch_index))
-
-    def close(self) -> None:
-        if self.ptr:
-            lc.llama_sampler_free(self.ptr)
-            self.ptr = None

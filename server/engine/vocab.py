@@ -1,20 +1,76 @@
 """A loaded model's vocabulary as the tokenizer endpoints see it: its special tokens, token ids
-back to text. Reads only the vocabulary, which llama.cpp lets any thread use."""
+back to text, and the tokens a prompt reads. Reads only the vocabulary, which llama.cpp lets
+any thread use."""
 
 from __future__ import annotations
 
+import bisect
 import ctypes
+import sys
+import threading
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import llama_cpp as lc
 
+from server.chat.template import Prompt
 from server.engine.base import TokenizerInfo
 from server.engine.native import NativeModel
 from server.errors import UnknownToken
-from server.prompts import Prompt
 
 # llama_vocab_type
 _VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
+# llama_token_attr: llama.cpp splits these tokens out of text before its tokenizer runs;
+# CONTROL and UNKNOWN only when it parses special tokens, USER_DEFINED always.
+_PARSED = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_UNKNOWN
+_SPECIAL = _PARSED | lc.LLAMA_TOKEN_ATTR_USER_DEFINED
+_LSTRIP, _RSTRIP = lc.LLAMA_TOKEN_ATTR_LSTRIP, lc.LLAMA_TOKEN_ATTR_RSTRIP
+_C_SPACE = " \t\n\v\f\r"  # C's isspace, which LSTRIP/RSTRIP use
+
+Fragment = tuple[int, int] | int  # a raw span (start, end) of the prompt text, or a token id
+
+
+@dataclass(frozen=True)
+class _SpecialToken:
+    id: int
+    text: str
+    attr: int
+
+    @property
+    def parsed(self) -> bool:
+        return bool(self.attr & _PARSED)
+
+
+_cache: weakref.WeakKeyDictionary[NativeModel, tuple[_SpecialToken, ...]] = \
+    weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def _special_tokens(model: NativeModel) -> tuple[_SpecialToken, ...]:
+    """The tokens llama.cpp splits out of text, in its order (longest text first)."""
+    with _cache_lock:
+        cached = _cache.get(model)
+    if cached is not None:
+        return cached
+    tokens = []
+    for token in range(model.n_vocab):
+        attr = int(lc.llama_vocab_get_attr(model.vocab, token))
+        if attr & _SPECIAL:
+            text = model.token_text(token)
+            if text:  # llama.cpp would loop forever on an empty one; real vocabularies have none
+                tokens.append(_SpecialToken(token, text, attr))
+    # llama.cpp's std::sort leaves ties in no defined order; ours is by id.
+    tokens.sort(key=lambda t: (-len(t.text.encode()), t.id))
+    with _cache_lock:
+        _cache[model] = result = tuple(tokens)
+    return result
+
+
+def special_texts(model: NativeModel) -> tuple[str, ...]:
+    """The texts llama.cpp reads as one control token only when it parses special tokens
+    (CONTROL and UNKNOWN tokens), longest first."""
+    return tuple(dict.fromkeys(t.text for t in _special_tokens(model) if t.parsed))
 
 
 def tokenizer_info(model: NativeModel) -> TokenizerInfo:
@@ -33,15 +89,111 @@ def tokenizer_info(model: NativeModel) -> TokenizerInfo:
 
 def read_prompt(model: NativeModel, prompt: Prompt,
                 add_bos: bool = True) -> tuple[list[int], bool]:
-    """The tokens the model reads for `prompt` (special-token text parsed only in the
-    template's segments), after a BOS if `add_bos`, the vocabulary wants one and the prompt
-    does not start with it; and whether that BOS was added."""
-    tokens: list[int] = []
-    for segment in prompt:
-        tokens += model.tokenize(segment.text, parse_special=segment.special)
+    """The tokens the model reads for `prompt`: llama_tokenize's on the whole text with
+    special tokens parsed, except that client text (special=False segments) never becomes a
+    control token; after a BOS if `add_bos`, the vocabulary wants one and the prompt does not
+    start with it; and whether that BOS was added."""
+    text = "".join(segment.text for segment in prompt)
+    tokens = _tokenize(model, text, _client_spans(prompt))
     if add_bos and model.add_bos and model.bos >= 0 and tokens[:1] != [model.bos]:
         return [model.bos, *tokens], True
     return tokens, False
+
+
+def _client_spans(prompt: Prompt) -> list[tuple[int, int]]:
+    """The (start, end) offsets of the client's text in the prompt's text, in order."""
+    spans, offset = [], 0
+    for segment in prompt:
+        if not segment.special and segment.text:
+            spans.append((offset, offset + len(segment.text)))
+        offset += len(segment.text)
+    return spans
+
+
+def _tokenize(model: NativeModel, text: str, client: list[tuple[int, int]]) -> list[int]:
+    """llama_tokenize(text) with special tokens parsed, none taking a character of `client`."""
+    if not client:
+        return model.tokenize(text, parse_special=True)
+    # Only the special tokens that occur matter; scanning for each costs one C-speed search.
+    present = [t for t in _special_tokens(model) if t.text in text]
+    if not any(t.parsed and _overlaps_client(text, t.text, client) for t in present):
+        return model.tokenize(text, parse_special=True)  # what llama.cpp gives is safe
+    return _tokenize_partitioned(model, text, present, client)
+
+
+def _tokenize_partitioned(model: NativeModel, text: str, specials: Sequence[_SpecialToken],
+                          client: list[tuple[int, int]]) -> list[int]:
+    """The tokens of `text` partitioned as llama.cpp partitions it (by `specials`)."""
+    tokens: list[int] = []
+    for fragment in _partition(text, specials, client):
+        if isinstance(fragment, int):
+            tokens.append(fragment)
+        else:
+            # Each raw fragment on its own, as llama.cpp tokenizes it (SentencePiece adds its
+            # space prefix at the start and after a special token: where fragments begin).
+            tokens += model.tokenize(text[fragment[0]:fragment[1]], parse_special=False)
+    return tokens
+
+
+def _in_client(client: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether text[start:end] shares a character with the client's text."""
+    i = bisect.bisect_right(client, (start, sys.maxsize))  # the spans from start on
+    return (i > 0 and client[i - 1][1] > start) or (i < len(client) and client[i][0] < end)
+
+
+def _overlaps_client(text: str, needle: str, client: list[tuple[int, int]]) -> bool:
+    """Whether some occurrence of `needle` in `text` (overlapping ones too) takes a client
+    character."""
+    match = text.find(needle)
+    while match >= 0:
+        if _in_client(client, match, match + len(needle)):
+            return True
+        match = text.find(needle, match + 1)
+    return False
+
+
+def _partition(text: str, specials: Sequence[_SpecialToken],
+               client: list[tuple[int, int]]) -> list[Fragment]:
+    """llama.cpp's tokenizer_st_partition on `text`, except that a control token never
+    matches where it would take a character of the client's text."""
+    fragments: list[Fragment] = [(0, len(text))] if text else []
+    for special in specials:
+        split: list[Fragment] = []
+        for fragment in fragments:
+            if isinstance(fragment, int):
+                split.append(fragment)
+            else:
+                split += _split(text, fragment, special, client)
+        fragments = split
+    return fragments
+
+
+def _split(text: str, span: tuple[int, int], special: _SpecialToken,
+           client: list[tuple[int, int]]) -> list[Fragment]:
+    """The raw span split at each occurrence of `special`, left to right."""
+    start, end = span
+    out: list[Fragment] = []
+    search = start
+    while (match := text.find(special.text, search, end)) >= 0:
+        stop = match + len(special.text)
+        if special.parsed and _in_client(client, match, stop):
+            search = match + 1
+            continue
+        left = match
+        if special.attr & _LSTRIP:
+            while left > start and text[left - 1] in _C_SPACE:
+                left -= 1
+        if left > start:
+            out.append((start, left))
+        out.append(special.id)
+        start = search = stop
+        if special.attr & _RSTRIP:
+            while start < end and text[start] in _C_SPACE:
+                start += 1
+            search = start
+    if start < end:
+        out.append((start, end))
+    return out
 
 
 def check_tokens(model: NativeModel, tokens: Sequence[int], param: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,8 +13,8 @@ import openai
 import pytest
 
 from server.app import create_app
+from server.chat.template import prompt_text
 from server.engine.fake import FakeEngine
-from server.prompts import prompt_text
 from server.registry import ModelSpec, Registry
 from server.settings import Settings
 
@@ -93,3 +94,39 @@ async def test_tools_and_history_reach_the_prompt(client: openai.AsyncOpenAI,
     assert "<tool_response>\n18 degrees\n</tool_response>" in prompt
     assert engine.requests[-1].grammar is not None  # auto: lazy, from "<tool_call>"
     assert engine.requests[-1].grammar.trigger_pattern == "<tool_call>"
+
+
+CORPUS = Path(__file__).parents[1] / "data" / "chat_templates"
+
+
+@pytest.mark.parametrize(("template", "pieces"), [
+    ("Qwen3-Coder", ["<tool_call>\n<function=get_", "weather>\n<parameter=city>\nPar",
+                     "is\n</parameter>\n</function>\n</tool_call>"]),
+    ("meta-llama-Llama-3.1-8B-Instruct", ['{"name": "get_weather", "param',
+                                          'eters": {"city": "Paris"}}']),
+])
+async def test_a_family_template_gets_tools_and_its_calls_parse(
+        tmp_path: Any, template: str, pieces: list[str]) -> None:
+    engine = FakeEngine(script=pieces, chat_template=(CORPUS / f"{template}.jinja").read_text())
+    spec = ModelSpec(id="fake-model", path="unused.gguf")
+    registry = Registry({"fake-model": spec}, "fake-model", tmp_path / "models.yaml", tmp_path,
+                        tmp_path)
+    app = create_app(Settings(), engine=engine, registry=registry)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x",
+                                  http_client=http) as sdk:
+        reply = await sdk.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS)
+        stream = await sdk.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+            stream=True)
+        streamed = "".join([part.function.arguments or "" async for chunk in stream
+                            for part in chunk.choices[0].delta.tool_calls or []
+                            if part.function])
+    (call,) = reply.choices[0].message.tool_calls or []
+    assert (call.function.name, json.loads(call.function.arguments)) == \
+        ("get_weather", {"city": "Paris"})
+    assert json.loads(streamed) == {"city": "Paris"}
+    prompt = prompt_text(engine.requests[0].prompt)  # type: ignore[arg-type]
+    assert "Weather in a city" in prompt  # the template rendered the tools itself
+    assert "<tools>" not in prompt or template == "Qwen3-Coder"  # not our Hermes description

@@ -1,0 +1,1 @@
+"""Chat formats: the sandboxed template renderer, tool-call and reasoning families."""

@@ -1,0 +1,1 @@
+"""The llama.cpp engine: one scheduler thread per loaded model, continuous batching, sampling."""

@@ -1,0 +1,69 @@
+"""Planning one llama_decode: which sequences put how many tokens into the batch, in what order.
+
+Pure logic, no llama.cpp: the scheduler turns a plan into batch rows. With a KV stream per
+sequence, llama.cpp splits a batch into passes over the weights (ubatches) of consecutive,
+ascending sequence ids that each take the same number of tokens per sequence
+(`llama_batch_allocr::split_equal(sequential=true)`); `passes()` counts them, so the plan keeps
+running sequences consecutive and the metrics can show how often a step was split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    """`size` tokens of sequence `seq_id` for the caller's item `key` (a running choice, size
+    1, or the next chunk of a prompt)."""
+
+    key: int
+    seq_id: int
+    size: int
+    prefill: bool
+
+
+def plan_batch(decoding: Sequence[tuple[int, int]], prefilling: Sequence[tuple[int, int, int]],
+               capacity: int) -> list[Entry]:
+    """Every decoding `(key, seq_id)` gets one token; prompts `(key, seq_id, remaining)` share
+    what is left of `capacity`, first come first served; ordered by ascending sequence id."""
+    if len(decoding) > capacity:
+        raise ValueError(f"{len(decoding)} running sequences exceed a batch of {capacity}")
+    entries = [Entry(key, seq, 1, False) for key, seq in decoding]
+    budget = capacity - len(entries)
+    for key, seq, remaining in prefilling:
+        if budget <= 0:
+            break
+        size = min(remaining, budget)
+        entries.append(Entry(key, seq, size, True))
+        budget -= size
+    entries.sort(key=lambda e: e.seq_id)
+    return entries
+
+
+def passes(entries: Sequence[Entry], n_ubatch: int, sequential: bool = True) -> int:
+    """How many ubatches llama.cpp makes of `entries` (ordered as planned)."""
+    if not entries:
+        return 0
+    if not sequential:  # one KV cache for all: plain splits of n_ubatch tokens
+        total = sum(e.size for e in entries)
+        return -(-total // n_ubatch)
+    left = {e.seq_id: e.size for e in entries}
+    order = [e.seq_id for e in entries]
+    count = 0
+    while left:
+        run = [order[0]]
+        for seq in order[1:]:
+            if seq == run[-1] + 1 and len(run) < n_ubatch:
+                run.append(seq)
+            elif seq != run[-1] + 1:
+                break
+        each = max(1, min(min(left[s] for s in run), n_ubatch // len(run)))
+        for seq in run:
+            left[seq] -= each
+            if left[seq] <= 0:
+                del left[seq]
+        order = [s for s in order if s in left]
+        count += 1
+    return count

@@ -1,0 +1,499 @@
+"""One scheduler thread per loaded model: it alone touches the llama.cpp context.
+
+Each step decodes, in a single llama_decode, the next token of every running choice plus a chunk
+of the prompt of any request still being read (batch.py plans it), then samples each choice
+(sampling.py: in the decode graph where the chain allows, else on the CPU). What a step wrote to
+the KV cache is committed to its sequences only after llama_decode succeeds; a failed decode
+removes it again and fails only the requests it touched. A crash of the thread marks the model
+failed: queued and new requests get the error at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import llama_cpp as lc
+
+from server.chat.template import Prompt
+from server.engine.base import GenerationRequest, PromptTokens, TokenLogprob, is_token_ids
+from server.engine.context import ContextConfig, context_params, create_context
+from server.engine.llama.batch import Entry, passes, plan_batch
+from server.engine.llama.buffer import BatchBuffer
+from server.engine.llama.jobs import Choice, Job, JobStream, deliver_all
+from server.engine.llama.logits import LogitReader
+from server.engine.llama.sampling import SequenceSampler, parse_grammar
+from server.engine.llama.slots import SlotPool
+from server.engine.native import NativeModel
+from server.engine.textstream import StopTextStream
+from server.engine.vocab import check_tokens, read_prompt
+from server.errors import (
+    ContextLengthExceeded,
+    EngineFailure,
+    InvalidRequest,
+    ServerOverloaded,
+    ServerShuttingDown,
+)
+from server.metrics import Metrics, SchedulerMetrics
+
+log = logging.getLogger("server.engine")
+
+_WAKE = object()
+
+
+class Scheduler:
+    """Owns a model's llama_context and runs continuous batching on its own thread."""
+
+    def __init__(self, model: NativeModel, config: ContextConfig, name: str,
+                 metrics: Metrics) -> None:
+        if config.parallel > config.batch_tokens:
+            raise EngineFailure(
+                f"parallel ({config.parallel}) is larger than the batch ({config.batch_tokens} "
+                "tokens): every running sequence needs a row in each step. Lower --parallel or "
+                "raise GGSERVE_BATCH_TOKENS.")
+        self.model = model
+        self.name = name
+        self._metrics = SchedulerMetrics(metrics, name)
+        self.config = config
+        self.kv_cells = max(config.kv_cells, config.n_ctx)
+        params = context_params(config)
+        params.n_ctx = self.kv_cells
+        params.n_batch = params.n_ubatch = config.batch_tokens
+        params.n_seq_max = config.parallel
+        params.kv_unified = config.kv_unified
+        self.ctx = create_context(model, params, f"a context of {self.kv_cells} tokens; lower "
+                                  "n_ctx or parallel")
+        self._memory = lc.llama_get_memory(self.ctx)
+        self._buffer = BatchBuffer(config.batch_tokens, config.parallel)
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._slots = SlotPool(_Memory(self._memory), config.parallel,
+                               share_cells=config.kv_unified)
+        self._reserved = 0
+        self._closing = False
+        self.failure: str | None = None  # why the scheduler thread died, if it did
+        self._submitted = 0  # written by the event loop only
+        self._dequeued = 0  # written by the scheduler thread only
+        self._model_stop_tokens = self._stop_token_ids(config.stop)
+        self._logits = LogitReader(self.ctx, model.n_vocab, model.special_piece)
+        self._thread = threading.Thread(target=self._run, name=f"scheduler:{name}", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop -------------------------------------------------------
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The tokens the model reads for `prompt`: its segments, after a BOS if the model
+        wants one and the prompt does not start with it."""
+        return read_prompt(self.model, prompt)[0]
+
+    async def submit(self, request: GenerationRequest) -> JobStream:
+        """Check `request` against the context, queue it, and return its event stream.
+
+        Tokenizing the prompt and parsing a grammar run in a worker thread, off the event loop.
+        """
+        self._check_accepting(request)
+        loop = asyncio.get_running_loop()
+        job = await asyncio.to_thread(self._prepare, request, loop)
+        try:
+            self._check_accepting(request)
+        except Exception:
+            job.close()
+            raise
+        self._submitted += 1
+        self._inbox.put(job)
+        return job.stream
+
+    def _check_accepting(self, request: GenerationRequest) -> None:
+        if self.failure is not None:
+            raise EngineFailure(f"The model '{self.name}' failed ({self.failure}); an admin can "
+                                "unload and reload it.")
+        if self._closing:
+            raise ServerShuttingDown("The server is shutting down; retry on another replica.")
+        if self.waiting >= self.config.max_waiting:
+            raise ServerOverloaded(
+                f"{self.waiting} requests are already waiting for this model (the limit is "
+                f"{self.config.max_waiting}); retry shortly.")
+        if request.n > self.config.parallel:
+            raise InvalidRequest(
+                f"n={request.n} is more than this server decodes at once for a request "
+                f"({self.config.parallel}); lower n or raise the 'parallel' setting.", param="n")
+
+    def _prepare(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Job:
+        """The request as a Job: its tokens checked against the context, its grammar parsed."""
+        prompt = request.prompt
+        if is_token_ids(prompt):
+            check_tokens(self.model, prompt, "prompt")
+            tokens, bos_added = list(prompt), False
+        else:
+            tokens, bos_added = read_prompt(self.model, prompt)
+        if not tokens:
+            raise InvalidRequest("The prompt is empty; send at least one token of text.",
+                                 param="prompt")
+        room = self.config.n_ctx - len(tokens)
+        wanted = request.max_tokens
+        if room < (0 if wanted == 0 else 1) or (wanted is not None and wanted > room):
+            raise ContextLengthExceeded(n_prompt_tokens=len(tokens), n_ctx=self.config.n_ctx,
+                                        max_tokens=wanted)
+        check_tokens(self.model, request.stop_tokens, "stop")
+        stop_tokens = self._model_stop_tokens | self._stop_token_ids(request.stop) | \
+            frozenset(request.stop_tokens)
+        max_new = room if wanted is None else wanted
+        reservation = len(tokens) + request.n * max_new
+        if reservation > self.kv_cells:
+            raise InvalidRequest(
+                f"n={request.n} choices of up to {max_new} tokens after a "
+                f"{len(tokens)}-token prompt need {reservation} KV cells; this model has "
+                f"{self.kv_cells}. Lower n or max_tokens.", param="n")
+        grammar = None if request.grammar is None else \
+            parse_grammar(self.model.vocab, request.grammar)
+        stream = JobStream(loop, lambda: self._inbox.put(_WAKE))
+        preserved = frozenset(t for t in map(self.model.single_token, request.preserved)
+                              if t is not None)
+        return Job(request, tokens, max_new, stop_tokens, stream, bos_added=bos_added,
+                   grammar=grammar, preserved=preserved)
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet running (or dropped)."""
+        return self._submitted - self._dequeued
+
+    def close(self) -> None:
+        """Fail what is queued or running, stop the thread, free the context."""
+        self._closing = True
+        self._inbox.put(None)
+        self._thread.join()
+        lc.llama_free(self.ctx)
+
+    # ---- the scheduler thread -------------------------------------------------------------
+
+    def _stop_token_ids(self, stops: tuple[str, ...]) -> frozenset[int]:
+        ids = (self.model.single_token(s) for s in stops if s)
+        return frozenset(i for i in ids if i is not None)
+
+    def _run(self) -> None:
+        try:
+            while self._receive():
+                self._drop_cancelled()
+                self._admit()
+                if self._running:
+                    self._step()
+                self._report()
+        except Exception as exc:
+            log.exception("the scheduler of model %s crashed", self.name)
+            self.failure = f"its scheduler crashed: {type(exc).__name__}: {exc}"
+            self._fail_all(EngineFailure(f"The engine failed: {exc}"))
+            self._drain_inbox()
+        else:
+            self._fail_all(ServerShuttingDown("The server shut down before this request ran."))
+
+    def _drain_inbox(self) -> None:
+        """After a crash: fail whatever still arrives until close() says stop."""
+        while (item := self._inbox.get()) is not None:
+            if isinstance(item, Job):
+                self._dequeued += 1
+                item.fail(EngineFailure(f"The model '{self.name}' failed ({self.failure})."))
+
+    def _report(self) -> None:
+        running = [c for job in self._running for c in job.choices if c.finish is None]
+        held = sum(job.prefilled + len(c.fed) for job in self._running for c in job.choices
+                   if c.finish is None) + self._slots.idle_cells()
+        self._metrics.report(len(running), self.waiting, held, self.kv_cells)
+
+    def _receive(self) -> bool:
+        """Take new requests from the inbox, blocking while idle; False once closing."""
+        block = not (self._running or self._waiting)
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is None:
+                return False
+            if isinstance(item, Job):
+                self._waiting.append(item)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._waiting if j.stream.cancelled]:
+            self._waiting.remove(job)
+            self._dequeued += 1
+            job.close()
+            job.pending.append(job.usage())
+            job.flush(final=True)
+        for job in [j for j in self._running if j.stream.cancelled]:
+            for choice in job.choices:
+                if choice.finish is None:
+                    choice.finish = "stop"
+                    self._release_choice(job, choice)
+            job.pending.append(job.usage())  # a cancelled request's tokens still count
+            self._retire(job, notify=True)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            job = self._waiting[0]
+            if len(self._slots.idle) < job.request.n or \
+                    self._reserved + job.reservation > self.kv_cells:
+                return
+            self._waiting.popleft()
+            self._dequeued += 1
+            self._metrics.queue_wait.observe(time.perf_counter() - job.submitted)
+            self._reserved += job.reservation
+            # Prompt log-probabilities need the logits of every prompt position: no reuse.
+            seq_ids, job.prefilled = self._slots.acquire(job.tokens, job.request.n,
+                                                         reuse=not job.wants_prompt_logits)
+            job.cached = job.prefilled
+            self._slots.trim_idle(self.kv_cells - self._reserved)
+            for index, seq_id in enumerate(seq_ids):
+                job.choices.append(self._new_choice(job, index, seq_id))
+            job.grammar = None  # each choice owns a copy now
+            self._running.append(job)
+
+    def _new_choice(self, job: Job, index: int, seq_id: int) -> Choice:
+        seed = job.request.sampling.seed
+        choice_seed = None if seed is None else (seed + index) & 0x7FFFFFFF
+        grammar = job.grammar and lc.llama_sampler_clone(job.grammar)
+        sampler = SequenceSampler(job.request.sampling, self.model.n_vocab, choice_seed, grammar)
+        sampler.prime(job.tokens)
+        # In the decode graph unless the request reads the raw logits (log-probabilities) or
+        # has a grammar; llama.cpp keeps the rest on the CPU.
+        if self.config.backend_sampling and job.request.logprobs is None and \
+                not job.wants_prompt_logits:
+            sampler.attach(self.ctx, seq_id)
+        return Choice(index, seq_id, sampler, StopTextStream(self.config.stop + job.request.stop),
+                      job)
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """Plan one batch, decode it, commit it, sample every choice that has logits in it."""
+        began = time.perf_counter()
+        decoding = [c for job in self._running if not job.prefilling for c in job.choices
+                    if c.finish is None]
+        prefilling = [job for job in self._running if job.prefilling]
+        entries = plan_batch(
+            [(k, c.seq_id) for k, c in enumerate(decoding)],
+            [(k, job.choices[0].seq_id, len(job.tokens) - job.prefilled)
+             for k, job in enumerate(prefilling)], self.config.batch_tokens)
+        rows = self._fill(entries, decoding, prefilling)
+        filled = time.perf_counter()
+        status = lc.llama_decode(self.ctx, self._buffer.ready())
+        decoded = time.perf_counter()
+        if status != 0:
+            self._fail_batch(entries, decoding, prefilling, status)
+            return
+        self._commit(entries, decoding, prefilling)
+        self._sample(rows)
+        self._deliver()
+        self._metrics.stepped(len(rows), self._buffer.n, decoded - filled,
+                              time.perf_counter() - began - (decoded - filled),
+                              passes(entries, self.config.batch_tokens,
+                                     sequential=not self.config.kv_unified))
+
+    def _fill(self, entries: list[Entry], decoding: list[Choice],
+              prefilling: list[Job]) -> list[tuple[Job, Choice, int]]:
+        """Write the planned tokens into the batch; the rows whose logits get sampled."""
+        buffer = self._buffer
+        buffer.clear()
+        rows: list[tuple[Job, Choice, int]] = []
+        run: list[Choice] = []  # consecutive decode rows, written together
+
+        def flush_run() -> None:
+            if run:
+                first = buffer.add_rows([c.next_token for c in run], [c.pos for c in run],
+                                        [c.seq_id for c in run])
+                rows.extend((c.job, c, first + k) for k, c in enumerate(run))
+                run.clear()
+
+        for entry in entries:
+            if not entry.prefill:
+                run.append(decoding[entry.key])
+                continue
+            flush_run()
+            job = prefilling[entry.key]
+            # Separate KV streams cannot share cells: the first choice reads the prompt and
+            # the others get a copy of its stream once it is read (_share_prompt).
+            seqs = [c.seq_id for c in job.choices] if self.config.kv_unified \
+                else [job.choices[0].seq_id]
+            end = job.prefilled + entry.size
+            last = end == len(job.tokens)
+            logits: bool | str = True if job.wants_prompt_logits else ("last" if last else False)
+            first = buffer.add_tokens(job.tokens[job.prefilled:end], job.prefilled, seqs, logits)
+            job.chunk_row = first
+            if last:
+                rows.extend((job, c, first + entry.size - 1) for c in job.choices)
+        flush_run()
+        return rows
+
+    def _commit(self, entries: list[Entry], decoding: list[Choice],
+                prefilling: list[Job]) -> None:
+        """The decode succeeded: the batch's tokens now belong to their sequences."""
+        for entry in entries:
+            if not entry.prefill:
+                choice = decoding[entry.key]
+                choice.fed.append(choice.next_token)
+                choice.pos += 1
+                continue
+            job = prefilling[entry.key]
+            start = job.prefilled
+            job.prefilled += entry.size
+            if job.request.echo:
+                self._echo(job, range(start, job.prefilled), job.chunk_row)
+            if not job.prefilling:
+                for choice in job.choices:
+                    choice.pos = len(job.tokens)
+                self._share_prompt(job)
+
+    def _deliver(self) -> None:
+        """Hand the step's events to the event loop: one wake-up for all requests."""
+        ready = []
+        for job in list(self._running):
+            done = job.done
+            if done or job.deliverable:
+                ready.append((job, done))
+            if done:
+                self._retire(job, notify=False)
+        deliver_all(ready)
+
+    def _echo(self, job: Job, positions: range, first_row: int) -> None:
+        """Score the prompt tokens that follow `positions` (read into batch rows from
+        `first_row` on) if asked; once the whole prompt is read, send its tokens."""
+        tokens, top = job.tokens, job.request.prompt_logprobs
+        if top is not None:
+            # A position's logits are the distribution of the token after it.
+            ahead = [p for p in positions if p + 1 < len(tokens)]
+            job.prompt_scores += self._logits.score(
+                [first_row + p - positions.start for p in ahead],
+                [tokens[p + 1] for p in ahead], [top] * len(ahead))
+        if job.prefilling:
+            return
+        # Without log-probabilities (or with a prompt of one token) the rest is just tokens.
+        rest = job.prompt_scores or [TokenLogprob(t, self.model.special_piece(t), None)
+                                     for t in tokens[1:]]
+        first = b"" if job.bos_added else self.model.special_piece(tokens[0])
+        job.pending.append(PromptTokens((TokenLogprob(tokens[0], first, None), *rest)))
+
+    def _sample(self, rows: list[tuple[Job, Choice, int]]) -> None:
+        """Pick each row's next token (and its log-probability when the request asks)."""
+        sampled = []
+        for job, choice, index in rows:
+            if job.max_new == 0:  # only reading the prompt (echo with max_tokens 0)
+                self._finish(job, choice, "length")
+            else:
+                rejected = choice.sampler.rejections
+                sampled.append((job, choice, index, choice.sampler.sample(self.ctx, index)))
+                if choice.sampler.rejections != rejected:
+                    self._metrics.grammar_rejections.inc()
+        wanted = [s for s in sampled if s[0].request.logprobs is not None]
+        for (_, choice, _, _), entry in zip(wanted, self._score_rows(wanted), strict=True):
+            choice.logprobs.append(entry)
+        for job, choice, _, token in sampled:
+            self._advance(job, choice, token)
+
+    def _score_rows(self, rows: list[tuple[Job, Choice, int, int]]) -> list[TokenLogprob]:
+        return self._logits.score([r for _, _, r, _ in rows], [t for *_, t in rows],
+                                  [job.request.logprobs or 0 for job, *_ in rows])
+
+    def _share_prompt(self, job: Job) -> None:
+        """After the prompt is read, every choice's sequence holds it (copied if needed)."""
+        primary = job.choices[0]
+        for choice in job.choices[1:]:
+            if not self.config.kv_unified:
+                lc.llama_memory_seq_cp(self._memory, primary.seq_id, choice.seq_id, -1, -1)
+        for choice in job.choices:
+            choice.has_prompt = True
+
+    def _advance(self, job: Job, choice: Choice, token: int) -> None:
+        """Account for a sampled token: emit its text or end the choice."""
+        if self.model.is_eog(token) or token in job.stop_tokens:
+            if choice.logprobs:  # the end token is reported (as vLLM does) but adds no text
+                end = choice.logprobs[-1]
+                choice.logprobs[-1] = TokenLogprob(end.token, b"", end.logprob, end.top)
+            self._finish(job, choice, "stop")
+            return
+        choice.generated += 1
+        piece = self.model.special_piece(token) if token in job.preserved else \
+            self.model.output_piece(token)
+        job.emit_text(choice, choice.text.feed(piece))
+        if choice.text.stopped:
+            self._finish(job, choice, "stop")
+        elif choice.generated >= job.max_new or choice.pos >= self.config.n_ctx:
+            self._finish(job, choice, "length")
+        else:
+            choice.next_token = token
+
+    def _finish(self, job: Job, choice: Choice, reason: str) -> None:
+        choice.finish = reason  # type: ignore[assignment]
+        # Log-probabilities still held go out with the last text, unless a stop string cut
+        # that text (their tokens made the stop string).
+        job.emit_text(choice, choice.text.flush(), last=not choice.text.stopped)
+        self._release_choice(job, choice)
+        job.emit_finish(choice)
+
+    def _release_choice(self, job: Job, choice: Choice) -> None:
+        """Free the choice's sequence; its KV stays cached for a prompt that starts alike."""
+        holds_prompt = choice.has_prompt or choice.index == 0 or self.config.kv_unified
+        prompt = job.tokens[:job.prefilled] if holds_prompt else []
+        self._slots.release(choice.seq_id, prompt + choice.fed)
+        self._close_sampler(choice)
+
+    def _close_sampler(self, choice: Choice) -> None:
+        choice.sampler.detach(self.ctx, choice.seq_id)
+        choice.sampler.close()
+
+    def _retire(self, job: Job, notify: bool) -> None:
+        self._running.remove(job)
+        self._reserved -= job.reservation
+        if notify:
+            job.flush(final=True)
+
+    def _fail_batch(self, entries: list[Entry], decoding: list[Choice], prefilling: list[Job],
+                    status: int) -> None:
+        """Remove what the failed batch wrote to the KV cache and fail the requests it
+        touched; their sequences are forgotten, never offered as a cached prefix."""
+        log.error("llama_decode failed with status %d; failing the %d requests in the batch",
+                  status, len({id(decoding[e.key].job if not e.prefill else prefilling[e.key])
+                               for e in entries}))
+        touched: dict[int, Job] = {}
+        for entry in entries:
+            job = prefilling[entry.key] if entry.prefill else decoding[entry.key].job
+            touched[id(job)] = job
+        error = EngineFailure(f"llama.cpp failed to decode (status {status}); retry the "
+                              "request.")
+        for job in touched.values():
+            for choice in job.choices:
+                if choice.finish is None:
+                    choice.finish = "stop"
+                    self._close_sampler(choice)
+                self._slots.discard(choice.seq_id)
+            job.pending = [job.usage(), error]
+            self._retire(job, notify=True)
+
+    def _fail_all(self, error: Exception) -> None:
+        for job in list(self._running) + list(self._waiting):
+            for choice in job.choices:
+                if choice.finish is None:
+                    choice.finish = "stop"
+                    choice.sampler.close()
+            job.close()
+            job.fail(error)
+        self._running.clear()
+        self._waiting.clear()
+
+
+class _Memory:
+    """A context's KV cache as the slot pool uses it."""
+
+    def __init__(self, memory: Any) -> None:
+        self._memory = memory
+
+    def remove(self, seq_id: int, start: int) -> None:
+        lc.llama_memory_seq_rm(self._memory, seq_id, start, -1)
+
+    def copy(self, src: int, dst: int, end: int) -> None:
+        lc.llama_memory_seq_cp(self._memory, src, dst, 0, end)

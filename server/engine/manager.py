@@ -1,0 +1,381 @@
+"""The llama.cpp engine: registry models load on first use (downloaded if need be) and stay
+resident while they fit the memory budget; the least recently used idle one makes room.
+
+Each loaded model has its own Scheduler thread (an embedding model: an Embedder thread). A
+model with requests running is never unloaded; an idle one unloads after its keep_alive, when
+the budget needs its memory, when an admin unloads it, or when a registry reload changes its
+entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server import hub
+from server.chat.template import Prompt
+from server.engine import vocab
+from server.engine.base import (
+    Embeddings,
+    Event,
+    GenerationRequest,
+    GenerationStream,
+    ModelInfo,
+    ModelStatus,
+    TokenizerInfo,
+)
+from server.engine.devices import Gpu, Placement, gpu_present, gpus, place
+from server.engine.embedder import Embedder
+from server.engine.ggufmeta import GGUFInfo, read_gguf
+from server.engine.loader import GIB, Resident, load_resident
+from server.engine.native import (
+    build_has_amx,
+    gpu_offload_supported,
+    init_backend,
+    repack_enabled,
+    system_info,
+)
+from server.errors import (
+    EmbeddingModelOnly,
+    ModelLoadFailed,
+    ModelNotFound,
+    NotAnEmbeddingModel,
+    ServerOverloaded,
+)
+from server.metrics import Metrics
+from server.registry import ModelSpec, Registry
+from server.settings import Settings
+
+log = logging.getLogger("server.engine")
+
+# Without an n_ctx in its entry a model gets its training context, capped here: KV memory grows
+# with n_ctx * parallel, and 32K-context models would otherwise reserve gigabytes on a laptop.
+DEFAULT_CTX_CAP = 8192
+
+@dataclass
+class _Pending:
+    state: str  # "downloading" or "loading"
+    downloaded: int | None = None
+    size: int | None = None
+
+
+class LlamaEngine:
+    """Serves registry models with llama.cpp within a RAM/VRAM budget."""
+
+    def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.settings = settings
+        self._resident: dict[str, Resident] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._errors: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._budget_lock = asyncio.Lock()  # one load at a time claims memory
+        self._gpus: list[Gpu] = []
+        self.ram_budget = 0
+        self.vram_budget = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(init_backend)
+        self._gpus = await asyncio.to_thread(gpus) if gpu_offload_supported() else []
+        self.ram_budget = self.settings.memory_budget or int(_total_ram() * 0.8)
+        self.vram_budget = self.settings.vram_budget if self.settings.vram_budget is not None \
+            else sum(g.free for g in self._gpus)
+        self._log_backend()
+        for model in dict.fromkeys([self.registry.default, *self.settings.preload]):
+            try:
+                await self.load(model)
+            except Exception as exc:  # the server still serves the other models
+                log.error("model %s could not be loaded at start: %s", model, exc)
+
+    def _log_backend(self) -> None:
+        repack = repack_enabled(self.settings.cpu_repack)
+        where = ", ".join(f"{g.name} ({g.description}, {g.free / GIB:.1f} of "
+                          f"{g.total / GIB:.1f} GiB free)" for g in self._gpus)
+        log.info("llama.cpp backend: %s; CPU weight repacking %s%s; memory budget %.1f GiB RAM"
+                 "%s", f"GPU offload to {where}" if self._gpus else "CPU only",
+                 "on" if repack else "off",
+                 " (this build has AMX kernels, whose repacking crashes)" if build_has_amx()
+                 and not repack else "", self.ram_budget / GIB,
+                 f", {self.vram_budget / GIB:.1f} GiB VRAM" if self._gpus else "")
+        if not self._gpus and gpu_present():
+            log.warning("this host has an NVIDIA GPU but llama.cpp was built without CUDA: "
+                        "models run on the CPU. Reinstall llama-cpp-python with "
+                        "CMAKE_ARGS=\"-DGGML_CUDA=on\" (see README, GPU)")
+        log.debug("llama.cpp system info: %s", system_info())
+
+    async def stop(self) -> None:
+        for resident in list(self._resident.values()):
+            await self._unload(resident)
+
+    # ---- what the API asks ----------------------------------------------------------------
+
+    def loaded(self) -> list[str]:
+        return list(self._resident)
+
+    def overloaded(self) -> bool:
+        """True when some model's queue is full (new requests to it would get a 503)."""
+        return any(r.worker.waiting >= r.worker.config.max_waiting
+                   for r in self._resident.values())
+
+    async def model_info(self, model: str) -> ModelInfo:
+        async with self._using(model) as resident:
+            return resident.info
+
+    async def generate(self, request: GenerationRequest) -> GenerationStream:
+        if self.registry.get(request.model).embedding:
+            raise EmbeddingModelOnly(request.model)
+        resident = await self._acquire(request.model)
+        try:
+            if isinstance(resident.worker, Embedder):  # its registry entry changed meanwhile
+                raise EmbeddingModelOnly(request.model)
+            stream = await resident.worker.submit(request)
+        except BaseException:
+            self._release(resident, request.keep_alive)
+            raise
+        return _Tracked(stream, lambda: self._release(resident, request.keep_alive))
+
+    async def embed(self, model: str, inputs: list[list[int]] | list[str]) -> Embeddings:
+        if not self.registry.get(model).embedding:
+            raise NotAnEmbeddingModel(model)
+        async with self._using(model) as resident:
+            if not isinstance(resident.worker, Embedder):  # its registry entry changed meanwhile
+                raise NotAnEmbeddingModel(model)
+            return await resident.worker.embed(inputs)
+
+    async def tokenize(self, model: str, prompt: Prompt, add_special: bool) -> list[int]:
+        async with self._using(model) as resident:
+            if add_special:
+                return resident.worker.tokenize(prompt)
+            return vocab.read_prompt(resident.worker.model, prompt, add_bos=False)[0]
+
+    async def detokenize(self, model: str, tokens: list[int]) -> str:
+        async with self._using(model) as resident:
+            return vocab.detokenize(resident.worker.model, tokens)
+
+    async def token_texts(self, model: str, tokens: list[int]) -> list[str]:
+        async with self._using(model) as resident:
+            return vocab.token_texts(resident.worker.model, tokens)
+
+    async def tokenizer_info(self, model: str) -> TokenizerInfo:
+        async with self._using(model) as resident:
+            return resident.tokenizer
+
+    def status(self, model: str) -> ModelStatus:
+        spec = self.registry.get(model)
+        if (resident := self._resident.get(spec.id)) is not None:
+            p = resident.placement
+            failure = resident.worker.failure
+            return ModelStatus("failed" if failure else "loaded", error=failure,
+                               n_ctx=resident.info.n_ctx, device=resident.device,
+                               gpu_layers=p.gpu_layers, n_layer=p.n_layer, memory_ram=p.ram,
+                               memory_vram=p.vram)
+        if (pending := self._pending.get(spec.id)) is not None:
+            return ModelStatus(pending.state, downloaded=pending.downloaded,  # type: ignore[arg-type]
+                               download_size=pending.size, n_ctx=spec.n_ctx)
+        if spec.id in self._errors:
+            return ModelStatus("failed", error=self._errors[spec.id], n_ctx=spec.n_ctx)
+        return ModelStatus("available", n_ctx=spec.n_ctx)
+
+    async def load(self, model: str) -> ModelStatus:
+        async with self._using(model):
+            pass
+        return self.status(model)
+
+    async def unload(self, model: str) -> ModelStatus:
+        spec = self.registry.get(model)
+        resident = self._resident.get(spec.id)
+        if resident is not None:
+            if resident.active:
+                resident.stale = True  # goes when its last request ends
+            else:
+                await self._unload(resident)
+        return self.status(model)
+
+    async def use_registry(self, registry: Registry) -> None:
+        self.registry = registry
+        for resident in list(self._resident.values()):
+            if _base_spec(registry, resident.spec) != resident.spec:
+                resident.stale = True
+                if not resident.active:
+                    await self._unload(resident)
+        self._errors.clear()
+
+    # ---- residency ------------------------------------------------------------------------
+
+    async def _acquire(self, model: str) -> Resident:
+        """The loaded model for `model`, loading it first if need be; counts a user of it."""
+        spec = self.registry.get(model)
+        resident = self._resident.get(spec.id)
+        if resident is None:
+            async with self._locks.setdefault(spec.id, asyncio.Lock()):
+                resident = self._resident.get(spec.id) or await self._load(spec)
+        resident.active += 1
+        if resident.expiry is not None:
+            resident.expiry.cancel()
+            resident.expiry = None
+        return resident
+
+    @asynccontextmanager
+    async def _using(self, model: str) -> AsyncIterator[Resident]:
+        """The loaded model for `model` while the caller works with it."""
+        resident = await self._acquire(model)
+        try:
+            yield resident
+        finally:
+            self._release(resident, None)
+
+    def _release(self, resident: Resident, keep_alive: float | None) -> None:
+        resident.active -= 1
+        resident.last_used = time.monotonic()
+        if resident.active or resident not in self._resident.values():
+            return
+        if keep_alive is None:
+            keep_alive = resident.spec.keep_alive
+        if keep_alive is None:
+            keep_alive = self.settings.keep_alive
+        if resident.stale or keep_alive == 0:  # unless a request takes it first
+            asyncio.get_running_loop().create_task(self._unload_if_idle(resident))
+        elif keep_alive > 0:
+            resident.expiry = asyncio.get_running_loop().call_later(
+                keep_alive, lambda: asyncio.ensure_future(self._unload_if_idle(resident)))
+
+    async def _unload_if_idle(self, resident: Resident) -> None:
+        if not resident.active:
+            await self._unload(resident)
+
+    async def _unload(self, resident: Resident) -> None:
+        if self._resident.get(resident.spec.id) is not resident:
+            return
+        del self._resident[resident.spec.id]
+        if resident.expiry is not None:
+            resident.expiry.cancel()
+        await asyncio.to_thread(resident.worker.close)
+        await asyncio.to_thread(resident.worker.model.close)
+        for kind in ("weights", "kv_cache"):
+            for device in ("cpu", "gpu"):
+                with contextlib.suppress(KeyError):
+                    self.metrics.model_memory.remove(resident.spec.id, kind, device)
+        self.metrics.models_loaded.set(len(self._resident))
+        log.info("model %s unloaded", resident.spec.id)
+
+    async def _load(self, spec: ModelSpec) -> Resident:
+        self._errors.pop(spec.id, None)
+        try:
+            path = self.registry.local_file(spec)
+            if spec.repo and not path.is_file():
+                await self._download(spec, path)
+            self._pending[spec.id] = _Pending("loading")
+            gguf = await asyncio.to_thread(read_gguf, path)
+            async with self._budget_lock:
+                n_ctx = spec.n_ctx or min(gguf.n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
+                plan = self._place(spec, gguf, n_ctx)
+                await self._make_room(spec, plan)
+                device = self._gpus[0].name if plan.gpu_layers and self._gpus else "cpu"
+                resident = await asyncio.to_thread(
+                    load_resident, spec, path, plan, n_ctx, gguf, device, self.registry,
+                    self.settings, self.metrics)
+                self._resident[spec.id] = resident
+            self.metrics.models_loaded.set(len(self._resident))
+            return resident
+        except ModelLoadFailed as exc:
+            self._errors[spec.id] = exc.message
+            raise
+        finally:
+            self._pending.pop(spec.id, None)
+
+    async def _download(self, spec: ModelSpec, path: Path) -> None:
+        pending = self._pending[spec.id] = _Pending("downloading")
+
+        def progress(done: int, size: int | None) -> None:
+            pending.downloaded, pending.size = done, size
+
+        log.info("downloading %s/%s for model %s", spec.repo, spec.file_name, spec.id)
+        await asyncio.to_thread(hub.download, str(spec.repo), spec.file_name, path, progress)
+
+    def _place(self, spec: ModelSpec, gguf: GGUFInfo, n_ctx: int) -> Placement:
+        free = self.vram_budget - sum(r.placement.vram for r in self._resident.values())
+        requested: int | str = spec.n_gpu_layers if self._gpus else 0
+        # An embedding model's inputs share one cache of n_ctx cells.
+        cells = n_ctx if spec.embedding else n_ctx * self.settings.parallel
+        return place(gguf, requested, cells, free)
+
+    async def _make_room(self, spec: ModelSpec, plan: Placement) -> None:
+        """Unload idle models, least recently used first, until `plan` fits the budget."""
+        if plan.ram > self.ram_budget:
+            raise ModelLoadFailed(
+                f"model '{spec.id}' needs {plan.ram / GIB:.2f} GiB of RAM, more than the memory "
+                f"budget of {self.ram_budget / GIB:.2f} GiB: raise GGSERVE_MEMORY_BUDGET, lower "
+                "its n_ctx or pick a smaller quant")
+
+        def crowded() -> bool:
+            used = self._resident.values()
+            return (sum(r.placement.ram for r in used) + plan.ram > self.ram_budget
+                    or (plan.vram > 0 and
+                        sum(r.placement.vram for r in used) + plan.vram > self.vram_budget)
+                    or 0 < self.settings.max_loaded_models <= len(self._resident))
+
+        while crowded():
+            if not self._resident:
+                raise ModelLoadFailed(
+                    f"model '{spec.id}' needs {plan.vram / GIB:.2f} GiB of VRAM, more than the "
+                    f"budget of {self.vram_budget / GIB:.2f} GiB: set n_gpu_layers to 'auto' or "
+                    "fewer layers, or lower its n_ctx")
+            idle = sorted((r for r in self._resident.values() if not r.active),
+                          key=lambda r: r.last_used)
+            if not idle:
+                busy = ", ".join(self._resident)
+                raise ServerOverloaded(
+                    f"model '{spec.id}' does not fit beside the loaded models, which are all "
+                    f"serving requests ({busy}); retry shortly")
+            log.info("unloading %s (least recently used) to make room for %s", idle[0].spec.id,
+                     spec.id)
+            await self._unload(idle[0])
+
+
+class _Tracked:
+    """A generation stream that tells the engine when its request is over."""
+
+    def __init__(self, stream: GenerationStream, on_end: Any) -> None:
+        self._stream = stream
+        self._on_end = on_end
+
+    def _end(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+        self._end()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        try:
+            async for event in self._stream:
+                yield event
+        finally:
+            self._end()
+
+
+def _base_spec(registry: Registry, spec: ModelSpec) -> ModelSpec | None:
+    try:
+        return registry.get(spec.id)
+    except ModelNotFound:
+        return None
+
+
+def _total_ram() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 8 * GIB  # pragma: no cover - not Linux

@@ -1,0 +1,1 @@
+"""Constrained decoding: JSON Schema and tool calls as llama.cpp GBNF grammars."""
