@@ -127,6 +127,7 @@ class SchedulerMetrics:
         self._kv_usage = metrics.kv_cache_usage.labels(model)
         self._throughput = metrics.decode_throughput.labels(model)
         self._recent: deque[tuple[float, int]] = deque()
+        self._recent_total = 0  # the sum of the window's counts, kept as it moves
         self._decode_time = metrics.step_decode_time.labels(model)
         self._host_time = metrics.step_host_time.labels(model)
         self._sequences = metrics.step_sequences.labels(model)
@@ -140,6 +141,7 @@ class SchedulerMetrics:
         new tokens; `host_s` is the step's time outside llama_decode."""
         self._decode_calls.inc()
         self._recent.append((time.monotonic(), sampled))
+        self._recent_total += sampled
         self._decode_time.observe(decode_s)
         self._host_time.observe(host_s)
         self._sequences.observe(sampled)
@@ -154,6 +156,6 @@ class SchedulerMetrics:
         self._kv_usage.set(kv_tokens / kv_capacity if kv_capacity else 0.0)
         horizon = time.monotonic() - self.WINDOW
         while self._recent and self._recent[0][0] < horizon:
-            self._recent.popleft()
-        rate = sum(n for _, n in self._recent) / self.WINDOW
+            self._recent_total -= self._recent.popleft()[1]
+        rate = self._recent_total / self.WINDOW
         self._throughput.set(rate if running else 0.0)

@@ -23,6 +23,8 @@ class StopTextStream:
         """Add a token's bytes; return the text now safe to emit (maybe empty)."""
         if self.stopped:
             return ""
+        if not self._stops:
+            return self._decoder.decode(piece)
         self._pending += self._decoder.decode(piece)
         hit = self._earliest_stop()
         if hit is not None:

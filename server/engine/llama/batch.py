@@ -44,8 +44,9 @@ def plan_batch(decoding: Sequence[tuple[int, int]], prefilling: Sequence[tuple[i
 
 def passes(entries: Sequence[Entry], n_ubatch: int, sequential: bool = True) -> int:
     """How many ubatches llama.cpp makes of `entries` (ordered as planned)."""
-    if not entries:
-        return 0
+    if len(entries) <= 1:
+        return len(entries) if not entries or entries[0].size <= n_ubatch else \
+            -(-entries[0].size // n_ubatch)
     if not sequential:  # one KV cache for all: plain splits of n_ubatch tokens
         total = sum(e.size for e in entries)
         return -(-total // n_ubatch)

@@ -64,12 +64,13 @@ class Job:
     chunk_row: int = 0  # batch row of the prompt chunk in the current step
     preserved: frozenset[int] = frozenset()  # control tokens whose text the output keeps
     text_sent: bool = False  # some text was handed over already
+    _texts: tuple[int, list[str]] | None = None  # a whole reply's text run being gathered
 
     @property
     def deliverable(self) -> bool:
         """Whether this step's events go to the event loop now: always for a streamed
         request; for a whole reply only its first text (it times the first token)."""
-        if not self.pending:
+        if not self.pending and self._texts is None:
             return False
         return self.request.stream or not self.text_sent
 
@@ -80,7 +81,7 @@ class Job:
 
     def fail(self, error: Exception) -> None:
         """End the request with `error` (its token counts first)."""
-        self.pending = [self.usage(), error]
+        self.pending, self._texts = [self.usage(), error], None
         self.flush(final=True)
 
     def usage(self) -> Usage:
@@ -109,16 +110,32 @@ class Job:
         even without text (an end token's)."""
         if text or (last and choice.logprobs):
             logprobs, choice.logprobs = tuple(choice.logprobs), []
-            self.pending.append(TextDelta(choice.index, text, logprobs))
+            if not self.request.stream and not logprobs:
+                # A whole reply is handed over at the end: its text in one delta per choice.
+                if self._texts is None or self._texts[0] != choice.index:
+                    self._close_text()
+                    self._texts = (choice.index, [])
+                self._texts[1].append(text)
+            else:
+                self._close_text()
+                self.pending.append(TextDelta(choice.index, text, logprobs))
+
+    def _close_text(self) -> None:
+        if self._texts is not None:
+            index, parts = self._texts
+            self.pending.append(TextDelta(index, "".join(parts)))
+            self._texts = None
 
     def emit_finish(self, choice: Choice) -> None:
         assert choice.finish is not None
+        self._close_text()
         self.pending.append(ChoiceFinished(choice.index, choice.finish))
         if self.done:
             self.pending.append(self.usage())
 
     def take(self, final: bool) -> list[object]:
         """The step's events, ending the stream if `final`."""
+        self._close_text()
         events: list[object] = list(self.pending)
         self.pending = []
         self.text_sent = self.text_sent or any(isinstance(e, TextDelta) for e in events)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import llama_cpp as lc
 import numpy as np
 
 from server.engine.base import TokenLogprob
+from server.engine.llama.sampling import logits_row
 
 
 class LogitReader:
@@ -24,8 +24,7 @@ class LogitReader:
         self._piece = piece
 
     def _log_softmax(self, row: int) -> np.ndarray[Any, np.dtype[np.float32]]:
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, row),
-                                       shape=(self._n_vocab,))
+        logits = logits_row(self._ctx, row, self._n_vocab)
         shifted = logits - logits.max()
         # The normaliser in float64: a 152K-term sum of float32 loses digits.
         norm = np.log(np.exp(shifted).sum(dtype=np.float64))

@@ -44,6 +44,7 @@ from server.metrics import Metrics, SchedulerMetrics
 log = logging.getLogger("server.engine")
 
 _WAKE = object()
+REPORT_INTERVAL_S = 0.05  # the gauges need not move with every step (hundreds a second)
 
 
 class Scheduler:
@@ -80,6 +81,7 @@ class Scheduler:
         self.failure: str | None = None  # why the scheduler thread died, if it did
         self._submitted = 0  # written by the event loop only
         self._dequeued = 0  # written by the scheduler thread only
+        self._reported = 0.0  # when the gauges were last refreshed
         self._model_stop_tokens = self._stop_token_ids(config.stop)
         self._logits = LogitReader(self.ctx, model.n_vocab, model.special_piece)
         self._thread = threading.Thread(target=self._run, name=f"scheduler:{name}", daemon=True)
@@ -200,6 +202,11 @@ class Scheduler:
                 item.fail(EngineFailure(f"The model '{self.name}' failed ({self.failure})."))
 
     def _report(self) -> None:
+        """Refresh the gauges, at most every REPORT_INTERVAL_S (and whenever idle)."""
+        now = time.monotonic()
+        if self._running and now < self._reported + REPORT_INTERVAL_S:
+            return
+        self._reported = now
         running = [c for job in self._running for c in job.choices if c.finish is None]
         held = sum(job.prefilled + len(c.fed) for job in self._running for c in job.choices
                    if c.finish is None) + self._slots.idle_cells()
@@ -208,6 +215,8 @@ class Scheduler:
     def _receive(self) -> bool:
         """Take new requests from the inbox, blocking while idle; False once closing."""
         block = not (self._running or self._waiting)
+        if not block and self._inbox.empty():
+            return True
         while True:
             try:
                 item = self._inbox.get(block=block)
@@ -471,8 +480,8 @@ class Scheduler:
                     choice.finish = "stop"
                     self._close_sampler(choice)
                 self._slots.discard(choice.seq_id)
-            job.pending = [job.usage(), error]
-            self._retire(job, notify=True)
+            self._retire(job, notify=False)
+            job.fail(error)
 
     def _fail_all(self, error: Exception) -> None:
         for job in list(self._running) + list(self._waiting):
