@@ -31,7 +31,8 @@ lint: install
 	$(BIN)/ruff check server tests
 	$(BIN)/mypy
 
-# Compares with llama-cpp-python's server and llama-server (LLAMA_SERVER=path/to/llama-server).
+# Compares with llama-cpp-python's server and llama-server (LLAMA_SERVER=path/to/llama-server);
+# ARGS="--mode host": host work per token against llama-server on a tiny GGUF (bench/host.py).
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/serve.py $(ARGS)

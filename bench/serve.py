@@ -10,6 +10,9 @@ prompt starts with a unique number so no server can answer from a prompt cache.
 
 Prints one table (ratios of ggserve to each peer) and, with --write, replaces the table
 for --label (cpu by default) in docs/benchmarks.md, keeping the notes around it.
+
+`--mode host` compares host work per token with llama-server instead, on a tiny random-weight
+GGUF (bench/host.py): 512-token requests at 1 and 32 concurrent, non-streamed and streamed.
 """
 
 from __future__ import annotations
@@ -19,21 +22,30 @@ import asyncio
 import json
 import os
 import platform
-import socket
+import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.engine.native import NativeModel, init_backend  # noqa: E402
+from bench.servers import (  # noqa: E402
+    Server,
+    bench_registry,
+    free_port,
+    ggserve_command,
+    llama_cpp_python_command,
+    llama_server_command,
+)
+
+if TYPE_CHECKING:
+    from server.engine.native import NativeModel
 
 FILLER = ("The history of navigation is a story of stars, instruments and patient record "
           "keeping across many centuries of voyages. ")
@@ -56,41 +68,14 @@ class Result:
     prefill: float = 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def server_command(name: str, args: argparse.Namespace, port: int, n_ctx: int,
                    registry: Path) -> list[str]:
     slots = max(args.concurrency)
     if name == "ggserve":
-        return [sys.executable, "-m", "server", "--port", str(port), "--models-file",
-                str(registry), "--threads", str(args.threads), "--parallel", str(slots),
-                "--log-level", "warning"]
+        return ggserve_command(port, registry, args.threads, slots)
     if name == "llama-cpp-python":
-        return [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model),
-                "--model_alias", "bench", "--port", str(port), "--n_threads", str(args.threads),
-                "--n_threads_batch", str(args.threads), "--n_ctx", str(n_ctx),
-                "--verbose", "False"]
-    return [str(args.llama_server), "-m", str(args.model), "--port", str(port),
-            "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots),
-            "-c", str(n_ctx * slots), "--alias", "bench", "--no-webui"]
-
-
-async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient() as client:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"{url}: server exited with {proc.returncode}")
-            try:
-                if (await client.get(f"{url}/v1/models", timeout=2)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url}: not ready after 120 s")
+        return llama_cpp_python_command(args.model, port, args.threads, n_ctx)
+    return llama_server_command(args.llama_server, args.model, port, args.threads, slots, n_ctx)
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, object]) -> \
@@ -152,14 +137,12 @@ async def run_prefill(url: str, model: str, args: argparse.Namespace, vocab: Nat
 async def bench_server(name: str, args: argparse.Namespace, vocab: NativeModel,
                        bias: dict[str, float], registry: Path) -> Result:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    n_ctx = args.prefill_tokens + 512
-    log = open(Path(tempfile.gettempdir()) / f"bench-{name}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(server_command(name, args, port, n_ctx, registry), cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT)
+    server = Server(name, server_command(name, args, port, args.prefill_tokens + 512, registry),
+                    port)
+    url = server.url
     result = Result(name)
     try:
-        await wait_ready(url, proc)
+        await server.ready()
         model = "bench"
         await run_level(url, model, 1, args, bias, salt=0)  # warm-up
         for streams in args.concurrency:
@@ -171,9 +154,7 @@ async def bench_server(name: str, args: argparse.Namespace, vocab: NativeModel,
         result.prefill = await run_prefill(url, model, args, vocab, salt=7)
         print(f"  {name:18} prefill {result.prefill:.1f} tok/s", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        server.stop()
     return result
 
 
@@ -209,40 +190,69 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def bench_registry(model: Path, n_ctx: int) -> Path:
-    path = Path(tempfile.mkdtemp()) / "models.yaml"
-    path.write_text(f"models:\n  bench:\n    path: {model}\n    n_ctx: {n_ctx}\n"
-                    "    sampling: {repeat_penalty: 1.0}\n")
-    return path
+# Defaults per mode: (threads, concurrency, max tokens, repeat).
+MODE_DEFAULTS = {"serve": (os.cpu_count() or 1, [1, 4, 8, 16, 32], 64, 1),
+                 "host": (2, [1, 32], 512, 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="GGUF (default: the registry's default)")
-    parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMA_SERVER"),
+    parser.add_argument("--mode", choices=list(MODE_DEFAULTS), default="serve",
+                        help="serve: the serving table (default); host: host work per token "
+                             "against llama-server on a tiny GGUF (bench/host.py)")
+    parser.add_argument("--model", type=Path,
+                        help="GGUF (default: the registry's default; host mode: a tiny one)")
+    parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMA_SERVER") or None,
                         help="llama-server binary built from the vendored llama.cpp")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, help="default: all cores; host mode: 2")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[1, 4, 8, 16, 32])
-    parser.add_argument("--max-tokens", type=int, default=64)
+                        help="default: 1,4,8,16,32; host mode: 1,32")
+    parser.add_argument("--max-tokens", type=int, help="default: 64; host mode: 512")
     parser.add_argument("--prefill-tokens", type=int, default=2000)
+    parser.add_argument("--ggserve-dir", type=Path,
+                        help="host mode: run ggserve from this checkout (`git archive` of "
+                             "another commit) instead of this one, with this venv")
     parser.add_argument("--servers", default="ggserve,llama-server,llama-cpp-python")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per server, in alternating order; the table shows medians")
+    parser.add_argument("--repeat", type=int,
+                        help="runs per server, in alternating order; the table shows medians "
+                             "(default: 1; host mode: 3)")
     parser.add_argument("--write", action="store_true",
                         help="replace the table for --label in docs/benchmarks.md")
-    parser.add_argument("--label", default="cpu", help="which table --write replaces (cpu, gpu)")
+    parser.add_argument("--label", default="cpu",
+                        help="which table --write replaces (cpu, gpu; host-<label> in host mode)")
     args = parser.parse_args()
+    # A `timeout` or kill must still stop the servers this started (the finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for key, default in zip(("threads", "concurrency", "max_tokens", "repeat"),
+                            MODE_DEFAULTS[args.mode], strict=True):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.mode == "host":
+        from bench import host
+
+        report, label = host.main(args), f"host-{args.label}"
+    else:
+        report, label = serving_report(args, parser), args.label
+    print()
+    print(report)
+    if args.write:
+        write_report(label, f"Latest run ({time.strftime('%Y-%m-%d')}): {report}")
+
+
+def serving_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """Run the serving comparison; return the report (a line on the set-up, the table)."""
     if args.model is None:
         from server.registry import Registry
         from server.settings import Settings
 
         s = Settings()
-        registry = Registry.load(s.models_file, s.templates_dir, s.models_dir)
-        args.model = registry.local_file(registry.get(registry.default))
+        models = Registry.load(s.models_file, s.templates_dir, s.models_dir)
+        args.model = models.local_file(models.get(models.default))
     names = args.servers.split(",")
     if "llama-server" in names and not args.llama_server:
         parser.error("--llama-server (or LLAMA_SERVER) is needed to run llama-server")
+    from server.engine.native import NativeModel, init_backend
+
     init_backend()
     vocab = NativeModel(args.model, n_gpu_layers=0, repack=False)
     eog = [t for t in range(vocab.n_vocab) if vocab.is_eog(t)]
@@ -256,11 +266,7 @@ def main() -> None:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{args.threads} threads; model {args.model.name}; {args.max_tokens} output tokens "
                f"per stream, EOS suppressed; median of {args.repeat} run(s) per server")
-    report = f"{machine}\n\n{table(results, args)}\n"
-    print()
-    print(report)
-    if args.write:
-        write_report(args.label, f"Latest run ({time.strftime('%Y-%m-%d')}): {report}")
+    return f"{machine}\n\n{table(results, args)}\n"
 
 
 def write_report(label: str, report: str) -> None:
@@ -274,6 +280,7 @@ def write_report(label: str, report: str) -> None:
     else:
         text = text.rstrip() + f"\n\n## {label}\n\n{block}\n"
     path.write_text(text)
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,147 @@
+"""Grammar isolation: does one constrained request slow the others down?
+
+Starts ggserve with the default model (and, with --baseline, a second checkout's ggserve, e.g.
+the commit before a change) and, for each server in turn, over --rounds alternating rounds:
+
+- 8 plain streamed chat completions alone (aggregate tokens/s),
+- the same 8 with a ninth, plain stream beside them (the cost of one more sequence alone),
+- the same 8 with one `response_format: json_schema` stream beside them: their aggregate, and
+  the constrained stream's own tokens/s.
+
+Prints medians and the ratio (with / without) that issue 13 asks to keep at >= 0.90:
+
+    .venv/bin/python bench/isolation.py [--baseline /path/to/other/checkout]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.servers import ROOT, Server, free_port
+
+MODEL = "smollm2-135m-instruct"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "hobbies": {"type": "array", "items": {"type": "string"}},
+        "address": {"type": "object", "properties": {"city": {"type": "string"},
+                                                      "street": {"type": "string"}},
+                    "required": ["city", "street"]},
+    },
+    "required": ["name", "age", "hobbies", "address"],
+}
+
+
+async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[int, float]:
+    """(tokens, seconds from the first token to the last) of one streamed chat completion."""
+    first = last = 0.0
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+                             timeout=600) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+    return tokens, last - first
+
+
+def plain(i: int, max_tokens: int) -> dict[str, Any]:
+    return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0.7, "seed": i,
+            "stream": True, "stream_options": {"include_usage": True},
+            "logit_bias": {"0": -100, "1": -100, "2": -100},  # no end: every stream runs full
+            "messages": [{"role": "user", "content": f"{time.time()} Story {i}: a long tale "
+                                                     "of a lighthouse keeper."}]}
+
+
+def constrained(max_tokens: int) -> dict[str, Any]:
+    return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0.7, "stream": True,
+            "stream_options": {"include_usage": True},
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "person", "schema": SCHEMA}},
+            "messages": [{"role": "user", "content": f"{time.time()} Describe a person."}]}
+
+
+async def one_round(url: str, max_tokens: int, ninth: str | None) -> tuple[float, float]:
+    """(aggregate tokens/s of the 8 plain streams, the ninth stream's own tokens/s); `ninth`
+    is None, "plain" or "json_schema"."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=16)) as client:
+        began = time.perf_counter()
+        jobs = [stream(client, url, plain(i, max_tokens)) for i in range(8)]
+        if ninth is not None:
+            jobs.append(stream(client, url, constrained(max_tokens) if ninth == "json_schema"
+                               else plain(8, max_tokens)))
+        results = await asyncio.gather(*jobs)
+        ended = time.perf_counter()
+    aggregate = sum(t for t, _ in results[:8]) / (ended - began)
+    own = results[8][0] / results[8][1] if ninth is not None and results[8][1] > 0 else 0.0
+    return aggregate, own
+
+
+async def measure(name: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    server = Server(name, [sys.executable, "-m", "server", "--port", str(port), "--parallel",
+                           "9", "--log-level", "warning", *args.server_args.split()], port,
+                    cwd=root)
+    try:
+        await server.ready()
+        await one_round(server.url, 16, "json_schema")  # warm-up
+        runs: dict[str, list[float]] = {k: [] for k in ("alone", "plain", "plain_own",
+                                                         "beside", "own")}
+        for _ in range(args.rounds):
+            runs["alone"].append((await one_round(server.url, args.max_tokens, None))[0])
+            aggregate, own = await one_round(server.url, args.max_tokens, "plain")
+            runs["plain"].append(aggregate)
+            runs["plain_own"].append(own)
+            aggregate, own = await one_round(server.url, args.max_tokens, "json_schema")
+            runs["beside"].append(aggregate)
+            runs["own"].append(own)
+    finally:
+        server.stop()
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", type=Path, help="another checkout to compare with")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--server-args", default="", help="more flags for ggserve (this "
+                        "checkout's), e.g. '--backend-sampling on'")
+    args = parser.parse_args()
+    rows = {"ggserve": asyncio.run(measure("ggserve", ROOT, args))}
+    if args.baseline:
+        args.server_args = ""
+        rows["baseline"] = asyncio.run(measure("baseline", args.baseline, args))
+    print(f"\n8 plain chat streams of {MODEL}, {args.max_tokens} tokens each, medians of "
+          f"{args.rounds} rounds\n")
+    print("| server | 8 plain alone | + a 9th plain stream | ratio | + a json_schema stream "
+          "| ratio | the 9th plain stream itself | the json_schema stream itself |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['alone']:.1f} | {r['plain']:.1f} | {r['plain'] / r['alone']:.2f} "
+              f"| {r['beside']:.1f} | {r['beside'] / r['alone']:.2f} | {r['plain_own']:.1f} "
+              f"| {r['own']:.1f} |")
+    print("\n(tokens/s; the 8 plain streams' aggregate, and each ninth stream's own rate)")
+
+
+if __name__ == "__main__":
+    main()
