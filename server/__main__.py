@@ -12,7 +12,6 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
-from sse_starlette.sse import AppStatus
 
 from server import hub
 from server.app import create_app
@@ -105,9 +104,6 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
         super().__init__(config)
-        # sse-starlette's default cuts every open stream on the first signal; we drain them, and
-        # uvicorn cancels what still runs after `timeout_graceful_shutdown`.
-        AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
         self._app = app
         self._drain_s = drain_s
         self._draining = False

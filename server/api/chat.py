@@ -7,7 +7,6 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from sse_starlette.sse import EventSourceResponse
 
 from server.api.chat_output import assemble
 from server.api.chat_schemas import (
@@ -21,7 +20,7 @@ from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from server.api.generation import Generation, collect_all
 from server.api.logprobs import ChoiceLogprobs
 from server.api.schemas import CompletionUsage, streamed
-from server.api.sse import sse_response
+from server.api.sse import EventStream, sse_response
 from server.chat.families import GENERIC, prompt_family
 from server.chat.families.reasoning import reasoning_for
 from server.chat.output import ChoiceOutput, Delta
@@ -46,7 +45,7 @@ router = APIRouter()
 async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep,
                                  registry: RegistryDep, metrics: MetricsDep,
                                  settings: SettingsDep,
-                                 http: Request) -> ChatCompletion | EventSourceResponse:
+                                 http: Request) -> ChatCompletion | EventStream:
     body.check_limits(settings)
     spec = registry.get(body.model)
     info = await engine.model_info(spec.id)

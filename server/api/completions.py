@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 from fastapi import APIRouter, Request
-from sse_starlette.sse import EventSourceResponse
 
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from server.api.generation import (
@@ -29,7 +28,7 @@ from server.api.schemas import (
     CompletionUsage,
     streamed,
 )
-from server.api.sse import sse_response
+from server.api.sse import EventStream, sse_response
 from server.chat.template import plain_prompt
 from server.engine.base import (
     ChoiceFinished,
@@ -46,7 +45,7 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=None, responses=streamed(Completion))
 async def create_completion(body: CompletionRequest, engine: EngineDep, registry: RegistryDep,
                             metrics: MetricsDep, settings: SettingsDep,
-                            http: Request) -> Completion | EventSourceResponse:
+                            http: Request) -> Completion | EventStream:
     body.check_limits(settings)
     spec = registry.get(body.model)
     prompts = body.prompts()

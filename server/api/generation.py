@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 
@@ -48,6 +49,7 @@ class Generation:
     _last_delta_at: dict[int, float] = field(default_factory=dict)
     timeout_s: float = 600.0
     streamed: bool = True
+    _itl: Any = None  # the inter-token latency histogram of this model
 
     @classmethod
     async def start(cls, engine: Engine, request: GenerationRequest, metrics: Metrics,
@@ -138,7 +140,9 @@ class Generation:
             self.metrics.time_to_first_token.labels(self.model).observe(now - self.started)
         last = self._last_delta_at.get(delta.index)
         if last is not None and self.streamed:  # a whole reply arrives in one piece
-            self.metrics.inter_token_latency.labels(self.model).observe(now - last)
+            if self._itl is None:  # looked up once: labels() costs more than observe()
+                self._itl = self.metrics.inter_token_latency.labels(self.model)
+            self._itl.observe(now - last)
         self._last_delta_at[delta.index] = now
 
     def _log(self, outcome: str) -> None:
