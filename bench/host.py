@@ -101,7 +101,7 @@ def eog_bias(model: Path | None) -> dict[str, float]:
     """logit_bias that keeps every end-of-generation token of `model` (None: the tiny one) out."""
     if model is None:
         return {str(EOS_ID): -100.0}
-    from server.engine.native import NativeModel, init_backend
+    from server.engine.llama.native import NativeModel, init_backend
 
     init_backend()
     vocab = NativeModel(model, n_gpu_layers=0, repack=False)

@@ -45,7 +45,7 @@ from bench.servers import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from server.engine.native import NativeModel
+    from server.engine.llama.native import NativeModel
 
 FILLER = ("The history of navigation is a story of stars, instruments and patient record "
           "keeping across many centuries of voyages. ")
@@ -251,7 +251,7 @@ def serving_report(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     names = args.servers.split(",")
     if "llama-server" in names and not args.llama_server:
         parser.error("--llama-server (or LLAMA_SERVER) is needed to run llama-server")
-    from server.engine.native import NativeModel, init_backend
+    from server.engine.llama.native import NativeModel, init_backend
 
     init_backend()
     vocab = NativeModel(args.model, n_gpu_layers=0, repack=False)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from llama_cpp import Llama
 
-from server.engine.native import build_has_amx
+from server.engine.llama.native import build_has_amx
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import pytest
 
 from server.engine import manager as engine_module
 from server.engine.devices import MIN_MARGIN, gpus, place
-from server.engine.ggufmeta import GGUFInfo, read_gguf
+from server.engine.llama.gguf import GGUFInfo, read_gguf
 from server.engine.manager import LlamaEngine
 from server.metrics import Metrics
 from server.registry import Registry

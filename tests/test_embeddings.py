@@ -19,9 +19,9 @@ import pytest
 from llama_cpp import Llama
 
 from server.engine.base import Embeddings
-from server.engine.context import ContextConfig
-from server.engine.embedder import Embedder
-from server.engine.native import NativeModel, init_backend
+from server.engine.llama.context import ContextConfig
+from server.engine.llama.embedder import Embedder
+from server.engine.llama.native import NativeModel, init_backend
 from server.metrics import Metrics
 from tests.conftest import LiveServer, reference_llama
 from tests.gguf_factory import write_gguf

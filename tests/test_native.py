@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine import native
+from server.engine.llama import native
 
 
 @pytest.mark.parametrize(("setting", "has_amx", "expected"), [

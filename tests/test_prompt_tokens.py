@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from server.chat.template import Prompt, Segment, prompt_text, render_chat
-from server.engine import vocab
-from server.engine.native import NativeModel
+from server.engine.llama import vocab
+from server.engine.llama.native import NativeModel
 from server.registry import Registry
 from server.settings import Settings
 from tests.vocab_models import vocab_models

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from server.engine.devices import place
-from server.engine.ggufmeta import read_gguf
+from server.engine.llama.gguf import read_gguf
 from tests.conftest import LiveServer
 from tests.gguf_factory import write_gguf
 

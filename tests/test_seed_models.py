@@ -15,9 +15,9 @@ import llama_cpp as lc
 import numpy as np
 import pytest
 
-from server.engine.context import ContextConfig, context_params, create_context
-from server.engine.loader import _rope_params
-from server.engine.native import NativeModel, init_backend, repack_enabled
+from server.engine.llama.context import ContextConfig, context_params, create_context
+from server.engine.llama.loader import _rope_params
+from server.engine.llama.native import NativeModel, init_backend, repack_enabled
 from server.errors import ModelLoadFailed, RegistryError
 from server.registry import ModelSpec, Registry, RopeSpec
 from server.settings import Settings

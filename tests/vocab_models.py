@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from server.engine.native import NativeModel, init_backend
+from server.engine.llama.native import NativeModel, init_backend
 from tests.gguf_factory import write_gguf
 
 ALFRED_TOKENS = ("<start_system>", "<start_user>", "<start_assistant>", "<end_message>")

@@ -12,8 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.engine.ggufmeta import GGUFInfo
-from server.engine.native import ggml_library
+from server.engine.llama.gguf import GGUFInfo
+from server.engine.llama.native import ggml_library
 
 _GPU_TYPES = (1, 2)  # enum ggml_backend_dev_type: CPU=0, GPU=1, IGPU=2, ACCEL=3
 MIN_MARGIN = 512 << 20  # kept free on the GPU for llama.cpp's compute buffers and the driver

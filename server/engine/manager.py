@@ -21,7 +21,6 @@ from typing import Any
 
 from server import hub
 from server.chat.template import Prompt
-from server.engine import vocab
 from server.engine.base import (
     Embeddings,
     Event,
@@ -32,10 +31,11 @@ from server.engine.base import (
     TokenizerInfo,
 )
 from server.engine.devices import Gpu, Placement, gpu_present, gpus, place
-from server.engine.embedder import Embedder
-from server.engine.ggufmeta import GGUFInfo, read_gguf
-from server.engine.loader import GIB, Resident, load_resident
-from server.engine.native import (
+from server.engine.llama import vocab
+from server.engine.llama.embedder import Embedder
+from server.engine.llama.gguf import GGUFInfo, read_gguf
+from server.engine.llama.loader import GIB, Resident, load_resident
+from server.engine.llama.native import (
     build_has_amx,
     gpu_offload_supported,
     init_backend,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from server.engine.base import Grammar, SamplingParams
-from server.engine.context import ContextConfig, context_params, create_context
 from server.engine.llama.buffer import BatchBuffer
+from server.engine.llama.context import ContextConfig, context_params, create_context
+from server.engine.llama.native import NativeModel, init_backend, repack_enabled
 from server.engine.llama.sampling import SequenceSampler, parse_grammar
-from server.engine.native import NativeModel, init_backend, repack_enabled
 
 # A shape the small model keeps wanting to leave: every structural token is forced.
 PERSON = r'''

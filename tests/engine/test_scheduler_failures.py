@@ -149,7 +149,7 @@ def test_parallel_larger_than_the_batch_is_refused_at_start() -> None:
 
 def test_echo_scoring_holds_one_row_at_a_time(smollm2_path: Path) -> None:
     """512 rows at a 49K vocabulary: float64 all at once was ~200 MB; now a row or two."""
-    from server.engine.native import NativeModel, init_backend, repack_enabled
+    from server.engine.llama.native import NativeModel, init_backend, repack_enabled
     from tests.engine.test_sampling import Context
 
     init_backend()

@@ -22,16 +22,16 @@ import llama_cpp as lc
 
 from server.chat.template import Prompt
 from server.engine.base import GenerationRequest, PromptTokens, TokenLogprob, is_token_ids
-from server.engine.context import ContextConfig, context_params, create_context
 from server.engine.llama.batch import Entry, passes, plan_batch
 from server.engine.llama.buffer import BatchBuffer
+from server.engine.llama.context import ContextConfig, context_params, create_context
 from server.engine.llama.jobs import Choice, Job, JobStream, deliver_all
 from server.engine.llama.logits import LogitReader
+from server.engine.llama.native import NativeModel
 from server.engine.llama.sampling import SequenceSampler, parse_grammar
 from server.engine.llama.slots import SlotPool
-from server.engine.native import NativeModel
+from server.engine.llama.vocab import check_tokens, read_prompt
 from server.engine.textstream import StopTextStream
-from server.engine.vocab import check_tokens, read_prompt
 from server.errors import (
     ContextLengthExceeded,
     EngineFailure,

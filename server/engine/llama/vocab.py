@@ -16,7 +16,7 @@ import llama_cpp as lc
 
 from server.chat.template import Prompt
 from server.engine.base import TokenizerInfo
-from server.engine.native import NativeModel
+from server.engine.llama.native import NativeModel
 from server.errors import UnknownToken
 
 # llama_vocab_type

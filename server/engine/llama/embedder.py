@@ -19,9 +19,9 @@ import llama_cpp as lc
 
 from server.chat.template import Prompt, prompt_text
 from server.engine.base import Embeddings
-from server.engine.context import ContextConfig, context_params, create_context
-from server.engine.native import NativeModel
-from server.engine.vocab import check_tokens
+from server.engine.llama.context import ContextConfig, context_params, create_context
+from server.engine.llama.native import NativeModel
+from server.engine.llama.vocab import check_tokens
 from server.errors import (
     EngineFailure,
     InputTooLong,

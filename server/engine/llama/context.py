@@ -7,7 +7,7 @@ from typing import Any
 
 import llama_cpp as lc
 
-from server.engine.native import NativeModel
+from server.engine.llama.native import NativeModel
 from server.errors import EngineFailure
 
 _ROPE_SCALING = {"none": 0, "linear": 1, "yarn": 2}

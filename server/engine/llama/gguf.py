@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.engine.native import ggml_library
+from server.engine.llama.native import ggml_library
 from server.errors import ModelLoadFailed
 
 # enum gguf_type

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.base import ModelInfo, TokenizerInfo
-from server.engine.context import ContextConfig
 from server.engine.devices import Placement
-from server.engine.embedder import Embedder
-from server.engine.ggufmeta import GGUFInfo
+from server.engine.llama.context import ContextConfig
+from server.engine.llama.embedder import Embedder
+from server.engine.llama.gguf import GGUFInfo
+from server.engine.llama.native import NativeModel, repack_enabled
 from server.engine.llama.scheduler import Scheduler
-from server.engine.native import NativeModel, repack_enabled
-from server.engine.vocab import special_texts, tokenizer_info
+from server.engine.llama.vocab import special_texts, tokenizer_info
 from server.metrics import Metrics
 from server.registry import ModelSpec, Registry, RopeSpec
 from server.settings import Settings
