@@ -1,0 +1,190 @@
+"""Where a scheduler step's host time goes: µs per step and per sequence, by part.
+
+Runs the real Scheduler in-process (no HTTP) on the tiny random-weight GGUF of the host mode
+(bench/host.py: 2 layers, 32,000-token vocabulary, decode nearly free) with N concurrent
+512-token greedy requests, timing each part of every step; then, with --http, serves one
+streamed request through the whole app under cProfile and reports the event loop's µs per
+token by part (chunk building and serialization, stream plumbing, the socket write).
+
+    .venv/bin/python bench/step_profile.py [--sequences 1 32] [--http]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.host import write_tiny_gguf
+from server.chat.template import plain_prompt
+from server.engine.base import GenerationRequest, SamplingParams
+from server.engine.llama import scheduler as scheduler_module
+from server.engine.llama.context import ContextConfig
+from server.engine.llama.native import NativeModel, init_backend
+from server.engine.llama.sampling import SequenceSampler
+from server.metrics import Metrics
+
+EOS = 2  # the tiny vocabulary's </s>
+PARTS = {  # what each timed call is, in the order of a step
+    "_receive": "inbox", "_drop_cancelled": "cancellations", "_admit": "admission",
+    "_fill": "planning and batch filling", "llama_decode": "llama_decode (the model)",
+    "_commit": "KV commit", "sample": "sampling", "_advance": "detokenize, stop strings, events",
+    "_deliver": "hand-off to the event loop", "stepped": "step metrics", "_report": "gauges",
+}
+
+
+def timed(totals: dict[str, float], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            totals[name] += time.perf_counter() - start
+    return wrapper
+
+
+def profile_steps(model: Path, sequences: int) -> tuple[dict[str, float], int]:
+    """Seconds per part over a run of `sequences` requests, and the number of steps."""
+    totals: dict[str, float] = defaultdict(float)
+    cls = scheduler_module.Scheduler
+    originals = {name: getattr(cls, name) for name in
+                 ("_receive", "_drop_cancelled", "_admit", "_fill", "_commit", "_advance",
+                  "_deliver", "_report")}
+    sample, decode = SequenceSampler.sample, scheduler_module.lc.llama_decode
+    for name, fn in originals.items():
+        setattr(cls, name, timed(totals, name, fn))
+    SequenceSampler.sample = timed(totals, "sample", sample)  # type: ignore[method-assign]
+    scheduler_module.lc.llama_decode = timed(totals, "llama_decode", decode)
+    try:
+        init_backend()
+        native = NativeModel(model, n_gpu_layers=0, repack=False)
+        config = ContextConfig(n_ctx=1024, parallel=sequences, batch_tokens=512, threads=2,
+                               rope={})
+        scheduler = scheduler_module.Scheduler(native, config, "bench", Metrics())
+        metrics = scheduler._metrics
+        metrics.stepped = timed(totals, "stepped", metrics.stepped)  # type: ignore[method-assign]
+
+        async def run() -> None:
+            async def one(i: int) -> None:
+                request = GenerationRequest(
+                    "bench", plain_prompt(f"{i} {time.time()} Once upon a time"),
+                    SamplingParams(temperature=0, logit_bias={EOS: -100.0}), max_tokens=512,
+                    stream=True)
+                async for _ in await scheduler.submit(request):
+                    pass
+            await asyncio.gather(*(one(i) for i in range(sequences)))
+
+        asyncio.run(run())  # warm-up
+        totals.clear()
+        steps_before = metrics._decode_calls._value.get()
+        asyncio.run(run())
+        steps = int(metrics._decode_calls._value.get() - steps_before)
+        scheduler.close()
+        native.close()
+    finally:
+        for name, fn in originals.items():
+            setattr(cls, name, fn)
+        SequenceSampler.sample = sample  # type: ignore[method-assign]
+        scheduler_module.lc.llama_decode = decode
+    return dict(totals), steps
+
+
+def print_steps(model: Path, counts: list[int]) -> None:
+    results = {n: profile_steps(model, n) for n in counts}
+    head = " | ".join(f"{n} seq: µs/step | µs/seq/step" for n in counts)
+    print(f"\n| part | {head} |")
+    print("|---|" + "---|---|" * len(counts))
+    for key, label in [*PARTS.items(), ("total", "step total")]:
+        cells = []
+        for n, (totals, steps) in results.items():
+            seconds = sum(totals.values()) if key == "total" else totals.get(key, 0.0)
+            cells.append(f"{seconds / steps * 1e6:.1f} | {seconds / steps / n * 1e6:.1f}")
+        print(f"| {label} | {' | '.join(cells)} |")
+    for n, (totals, steps) in results.items():
+        host = sum(v for k, v in totals.items() if k != "llama_decode")
+        print(f"\n{n} sequences: {steps} steps; host work {host / steps * 1e6:.0f} µs/step "
+              f"({host / steps / n * 1e6:.1f} µs per sequence), llama_decode "
+              f"{totals['llama_decode'] / steps * 1e6:.0f} µs/step")
+
+
+LOOP_PARTS = {
+    "the socket write (uvicorn, httptools)": ("httptools_impl.py", "send"),
+    "chunk building and JSON (pydantic)": ("pydantic", ""),
+    "SSE framing and send wrappers": ("server/api/sse.py", ""),
+    "stream plumbing (queues, generators, metering)": ("", ""),
+}
+
+
+def print_loop(model: Path, tokens: int = 2000) -> None:
+    """One streamed request through the app in this process, its event loop under cProfile."""
+    import uvicorn
+
+    from bench.servers import free_port
+    from server.app import create_app
+    from server.settings import Settings
+
+    registry = Path(tempfile.mkdtemp()) / "models.yaml"
+    registry.write_text(f"models:\n  bench:\n    path: {model}\n    n_ctx: {tokens + 64}\n"
+                        "    sampling: {repeat_penalty: 1.0}\n")
+    port = free_port()
+    app = create_app(Settings(models_file=registry, parallel=1, threads=2, cpu_repack="off"))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning",
+                                           loop="uvloop", http="httptools"))
+    body = ('{"model": "bench", "prompt": "Hello", "stream": true, "temperature": 0, '
+            f'"max_tokens": {tokens}, "logit_bias": {{"{EOS}": -100}}}}')
+
+    def client() -> None:
+        time.sleep(3)
+        for _ in range(2):
+            subprocess.run(["curl", "-sN", f"http://127.0.0.1:{port}/v1/completions", "-H",
+                            "content-type: application/json", "-d", body], check=True,
+                           capture_output=True)
+        server.should_exit = True
+
+    profiler = cProfile.Profile()
+    threading.Thread(target=client).start()
+    profiler.enable()
+    server.run()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    per_token = {label: 0.0 for label in LOOP_PARTS}
+    for (file, _, function), (_, _, own, _, _) in stats.items():
+        if "asyncio" in file and function in ("run", "run_forever", "_run_once"):
+            continue  # idle time inside the loop's C code
+        if function == "app" and "fastapi/routing" in file:
+            continue
+        for label, (where, name) in LOOP_PARTS.items():
+            if where in file and (not name or name == function):
+                per_token[label] += own
+                break
+    print(f"\nevent loop, one streamed request (µs per token, {2 * tokens} tokens):")
+    for label, seconds in per_token.items():
+        print(f"  {label:48s} {seconds / (2 * tokens) * 1e6:6.1f}")
+    print(f"  {'all of it':48s} {sum(per_token.values()) / (2 * tokens) * 1e6:6.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sequences", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--http", action="store_true", help="also profile the event loop")
+    args = parser.parse_args()
+    model = write_tiny_gguf(Path(tempfile.mkdtemp()))
+    print_steps(model, args.sequences)
+    if args.http:
+        print_loop(model)
+
+
+if __name__ == "__main__":
+    main()
