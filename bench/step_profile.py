@@ -71,7 +71,7 @@ def profile_steps(model: Path, sequences: int) -> tuple[dict[str, float], int]:
         init_backend()
         native = NativeModel(model, n_gpu_layers=0, repack=False)
         config = ContextConfig(n_ctx=1024, parallel=sequences, batch_tokens=512, threads=2,
-                               rope={})
+                               rope={}, kv_cells=1024 * sequences)
         scheduler = scheduler_module.Scheduler(native, config, "bench", Metrics())
         metrics = scheduler._metrics
         metrics.stepped = timed(totals, "stepped", metrics.stepped)  # type: ignore[method-assign]

@@ -290,6 +290,9 @@ class Scheduler:
             [(k, job.choices[0].seq_id, len(job.tokens) - job.prefilled)
              for k, job in enumerate(prefilling)], self.config.batch_tokens)
         rows = self._fill(entries, decoding, prefilling)
+        # The last step's events go out now, just before llama_decode lets go of the GIL: the
+        # event loop wakes to a free interpreter instead of waiting for this thread's Python.
+        self._deliver()
         filled = time.perf_counter()
         status = lc.llama_decode(self.ctx, self._buffer.ready())
         decoded = time.perf_counter()
@@ -298,7 +301,8 @@ class Scheduler:
             return
         self._commit(entries, decoding, prefilling)
         self._sample(rows)
-        self._deliver()
+        if not any(c.finish is None for job in self._running for c in job.choices):
+            self._deliver()  # no next step to carry them
         self._metrics.stepped(len(rows), self._buffer.n, decoded - filled,
                               time.perf_counter() - began - (decoded - filled),
                               passes(entries, self.config.batch_tokens,
