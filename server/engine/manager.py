@@ -153,10 +153,11 @@ class LlamaEngine:
             return await resident.worker.embed(inputs)
 
     async def tokenize(self, model: str, prompt: Prompt, add_special: bool) -> list[int]:
-        async with self._using(model) as resident:
+        async with self._using(model) as resident:  # a long prompt takes a while: off the loop
             if add_special:
-                return resident.worker.tokenize(prompt)
-            return vocab.read_prompt(resident.worker.model, prompt, add_bos=False)[0]
+                return await asyncio.to_thread(resident.worker.tokenize, prompt)
+            return (await asyncio.to_thread(vocab.read_prompt, resident.worker.model, prompt,
+                                            False))[0]
 
     async def detokenize(self, model: str, tokens: list[int]) -> str:
         async with self._using(model) as resident:
