@@ -7,6 +7,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -63,13 +64,17 @@ async def test_a_crashed_scheduler_fails_its_model_which_can_be_reloaded(
     expected, _ = await run(engine, request("The sky is"))
     worker = engine._resident[MODEL].worker
 
+    both_in = threading.Event()
+
     def crash() -> None:
+        both_in.wait(10)  # the crash comes once the second request is queued too
         raise RuntimeError("injected")
 
     monkeypatch.setattr(worker, "_step", crash)
     # one running and one queued behind it (parallel 2, n 2): both fail, neither hangs
     streams = [await engine.generate(request("The sky is")),
                await engine.generate(GenerationRequest(MODEL, plain_prompt("x"), n=2))]
+    both_in.set()
     for stream in streams:
         with pytest.raises(EngineFailure):
             async with asyncio.timeout(10):

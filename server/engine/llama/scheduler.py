@@ -269,10 +269,12 @@ class Scheduler:
         grammar = job.grammar and lc.llama_sampler_clone(job.grammar)
         sampler = SequenceSampler(job.request.sampling, self.model.n_vocab, choice_seed, grammar)
         sampler.prime(job.tokens)
-        # In the decode graph unless the request reads the raw logits (log-probabilities) or
-        # has a grammar; llama.cpp keeps the rest on the CPU.
+        # In the decode graph unless the request reads the raw logits (log-probabilities), has
+        # a grammar (llama.cpp keeps that chain on the CPU), or samples n > 1 choices: their
+        # first tokens all come from the prompt's last row, in the first choice's sequence,
+        # which a backend sampler would answer for all of them.
         if self.config.backend_sampling and job.request.logprobs is None and \
-                not job.wants_prompt_logits:
+                not job.wants_prompt_logits and job.request.n == 1:
             sampler.attach(self.ctx, seq_id)
         return Choice(index, seq_id, sampler, StopTextStream(self.config.stop + job.request.stop),
                       job)
@@ -492,7 +494,7 @@ class Scheduler:
             for choice in job.choices:
                 if choice.finish is None:
                     choice.finish = "stop"
-                    choice.sampler.close()
+                    self._close_sampler(choice)
             job.close()
             job.fail(error)
         self._running.clear()
