@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -52,13 +54,28 @@ def _parse(argv: list[str]) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["pull"]:
-        sys.exit(pull(argv[1:]))
+    try:
+        if argv[:1] == ["pull"]:
+            sys.exit(pull(argv[1:]))
+        serve(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C: uvicorn has shut down gracefully and re-raised it (or it came before serving);
+        # the shell's exit status for SIGINT, without Python's traceback
+        sys.exit(128 + signal.SIGINT)
+
+
+def serve(argv: list[str]) -> None:
+    """Check the port, load the app and serve it until a signal stops it."""
     try:
         settings = Settings(**_parse(argv))  # type: ignore[arg-type]
     except ValidationError as exc:
         sys.exit(f"invalid settings: {exc}")
     configure_logging(settings.log_level, settings.log_format)
+    # before anything loads: a busy port would otherwise show only after the model has loaded
+    # (minutes for a large one), when uvicorn binds
+    problem = port_problem(settings.host, settings.port)
+    if problem:
+        sys.exit(f"error: {problem}")
     try:
         app = create_app(settings)
     except RegistryError as exc:
@@ -98,27 +115,62 @@ def pull(argv: list[str]) -> int:
     return 0
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (a bind test, as uvicorn will bind), else None."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve --host {host}: {exc.strerror}"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            # as asyncio sets it for uvicorn: a port left in TIME_WAIT by a previous run is free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                return (f"cannot listen on {host}:{port}: {exc.strerror}; is another server "
+                        "running there? Choose another --port (GGSERVE_PORT).")
+    return None
+
+
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM: /ready turns 503 at once, the server keeps serving for `drain_s` so load
-    balancers take it out, then stops accepting and lets running streams finish."""
+    """On SIGTERM or Ctrl-C: /ready turns 503 at once, the server keeps serving for `drain_s`
+    so load balancers take it out, then stops accepting and lets running streams finish.
+    A second Ctrl-C stops waiting for them."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
         super().__init__(config)
         self._app = app
         self._drain_s = drain_s
-        self._draining = False
+        self._stopping = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._app.state.accepting = False
-        if self._draining or not self._drain_s:
+        again, self._stopping = self._stopping, True
+        if again and sig == signal.SIGINT:
+            # uvicorn forces only once its own shutdown began; a drain has not begun it yet.
+            # Streams still running end with an error event and [DONE] as they are cancelled.
+            log.warning("second Ctrl-C: exiting without waiting for running requests")
+            self.should_exit = self.force_exit = True
+            self._captured_signals.append(sig)
+            return
+        if again or not self._drain_s:
             super().handle_exit(sig, frame)
             return
-        self._draining = True
         log.info("signal %d: /ready is now 503; draining for %g s before shutdown", sig,
                  self._drain_s)
         timer = threading.Timer(self._drain_s, super().handle_exit, (sig, frame))
         timer.daemon = True
         timer.start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the app's shutdown when forced, asyncio.run then cancels it and
+            # uvicorn logs that as a traceback. Stopping the engine takes milliseconds and ends
+            # the running streams (error event, [DONE]) rather than leaving them to be cut.
+            await self.lifespan.shutdown()
 
 
 if __name__ == "__main__":

@@ -11,21 +11,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import admin, chat, completions, embeddings, health, models, tokenizer
 from server.api.admin import reload_registry
-from server.api.errors import install_error_handlers
-from server.api.security import BodySizeLimit, require_api_key
+from server.api.errors import install_error_handlers, unexpected_error_response
+from server.api.schemas import IGNORED_FIELDS
+from server.api.security import Access, AccessControl, BodySizeLimit, Keys, warn_if_exposed
 from server.engine.base import Engine
 from server.errors import RegistryError
 from server.logs import REQUEST_ID
 from server.metrics import Metrics
 from server.registry import Registry
-from server.settings import Settings, load_api_keys
+from server.settings import Settings
 
 log = logging.getLogger("server")
 
@@ -43,6 +44,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warn_if_exposed(settings, keys)
         await app.state.engine.start()
         app.state.accepting = True
         _reload_on_sighup(app)
@@ -52,29 +54,40 @@ def create_app(settings: Settings, engine: Engine | None = None,
             app.state.accepting = False
             await app.state.engine.stop()
 
+    keys = Keys.from_settings(settings)
     app = FastAPI(title="ggserve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.accepting = False
-    app.state.api_keys = load_api_keys(settings)
     install_error_handlers(app)
-    guarded = [Depends(require_api_key)]
-    for module in (chat, completions, embeddings, tokenizer, models, admin):
-        app.include_router(module.router, dependencies=guarded)
-    app.include_router(health.router)
-    app.include_router(health.metrics_router,
-                       dependencies=guarded if settings.metrics_require_key else [])
-    app.add_middleware(ObserveRequests, metrics=metrics)
+    open_routers = [health.router] + ([] if settings.metrics_require_key
+                                      else [health.metrics_router])
+    levels: dict[str, Access] = {**dict.fromkeys(_paths(admin.router, models.admin_router),
+                                                 "admin"),
+                                 **dict.fromkeys(_paths(*open_routers), "open")}
+    for router in (chat.router, completions.router, embeddings.router, tokenizer.router,
+                   models.router, models.admin_router, admin.router, health.router,
+                   health.metrics_router):
+        app.include_router(router)
+    # Inside CORS (a preflight needs no key, and a 401 carries the CORS headers a page needs
+    # to read it); every path not listed, /docs and /openapi.json included, needs a user key.
+    app.add_middleware(AccessControl, keys=keys, levels=levels, origins=settings.cors_origins)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
-                           expose_headers=["X-Request-Id"])
+                           expose_headers=["X-Request-Id", "X-Ignored-Fields"])
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    # Outermost, so that every response (a 413, a CORS preflight, a 500) carries the id.
+    app.add_middleware(ObserveRequests, metrics=metrics)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     return app
+
+
+def _paths(*routers: APIRouter) -> list[str]:
+    return [str(getattr(route, "path", "")) for router in routers for route in router.routes]
 
 
 def _reload_on_sighup(app: FastAPI) -> None:
@@ -96,8 +109,12 @@ def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         for path in schema.get("paths", {}).values():
-            for operation in path.values():
+            for method, operation in path.items():
                 operation.get("responses", {}).pop("422", None)
+                if method == "post":  # AccessControl refuses bodies that are not JSON
+                    operation["responses"].setdefault("415", {
+                        "description": "The body is not JSON", "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -105,6 +122,8 @@ def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
 class ObserveRequests:
     """Tag each request with its id (the client's x-request-id, else a new one), return it as a
     header, and count the request by route and status class once the response is complete.
+    Unknown request fields the body's model reported are named in an x-ignored-fields header.
+    An unexpected error before the response started is answered here with a 500.
 
     A plain ASGI middleware: a streamed body passes straight through (Starlette's
     BaseHTTPMiddleware would relay every chunk through a memory stream and another task).
@@ -121,19 +140,32 @@ class ObserveRequests:
         given = dict(scope["headers"]).get(b"x-request-id", b"")[:128]
         request_id = given.decode("latin-1") or uuid.uuid4().hex
         status = 500
+        started = False
+        ignored: list[str] = []
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", request_id.encode("latin-1"))]
+                status, started = message["status"], True
+                extra = [(b"x-request-id", request_id.encode("latin-1"))]
+                if ignored:
+                    extra.append((b"x-ignored-fields", ", ".join(ignored).encode("ascii")))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         token = REQUEST_ID.set(request_id)
+        fields = IGNORED_FIELDS.set(ignored)
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started:  # nothing can change the status now: the server ends the connection
+                raise
+            # Answered, not re-raised: Starlette's outer handler would send this 500 without
+            # the id and re-raise, and uvicorn then closes the keep-alive connection, failing
+            # the next request a client (or a proxy, for another user) sends on it.
+            await unexpected_error_response(exc)(scope, receive, send_with_id)
         finally:
+            IGNORED_FIELDS.reset(fields)
             REQUEST_ID.reset(token)
             self.metrics.http_requests.labels(_route(scope), f"{status // 100}xx").inc()
 

@@ -90,6 +90,42 @@ class AuthenticationFailed(ServerError):
     code = "invalid_api_key"
 
 
+class AdminKeyRequired(ServerError):
+    """A valid key without the admin scope asked for an admin operation."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "admin_key_required"
+
+
+class ModelNotDownloaded(ServerError):
+    """A request without the admin scope named a model whose GGUF is not on disk yet."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "model_not_downloaded"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' is not downloaded yet, and downloads need an admin key: ask an "
+            f"admin to pull it (POST /models/load with an admin key, or `ggserve pull`).",
+            param="model")
+
+
+class CrossOriginRefused(ServerError):
+    """A browser page from another origin asked for an admin operation."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "cross_origin_refused"
+
+
+class UnsupportedMediaType(ServerError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class ModelNotFound(ServerError):
     status_code = 404
     error_type = "invalid_request_error"

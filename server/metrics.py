@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -149,9 +150,13 @@ class SchedulerMetrics:
         if passes > 1:
             self._split.inc()
 
-    def report(self, running: int, waiting: int, kv_tokens: int, kv_capacity: int) -> None:
+    def track_waiting(self, waiting: Callable[[], int]) -> None:
+        """Read the queue length when scraped: it moves on the event loop, between steps,
+        and must agree with what /ready says at the same moment."""
+        self._waiting.set_function(waiting)
+
+    def report(self, running: int, kv_tokens: int, kv_capacity: int) -> None:
         self._running.set(running)
-        self._waiting.set(waiting)
         self._kv_tokens.set(kv_tokens)
         self._kv_usage.set(kv_tokens / kv_capacity if kv_capacity else 0.0)
         horizon = time.monotonic() - self.WINDOW

@@ -23,14 +23,14 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def load_api_keys(settings: Settings) -> frozenset[str]:
-    """The keys from settings and from the key file (one per line, # comments)."""
-    keys = set(settings.api_keys)
-    if settings.api_key_file is not None:
-        for line in settings.api_key_file.read_text(encoding="utf-8").splitlines():
+def load_keys(keys: list[str], key_file: Path | None) -> frozenset[str]:
+    """`keys` and those in `key_file` (one per line, # comments)."""
+    found = set(keys)
+    if key_file is not None:
+        for line in key_file.read_text(encoding="utf-8").splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
-                keys.add(line.strip())
-    return frozenset(keys)
+                found.add(line.strip())
+    return frozenset(found)
 
 
 class Settings(BaseSettings):
@@ -71,12 +71,22 @@ class Settings(BaseSettings):
     # --- limits on what one request may ask ---
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_tokens_limit: int | None = Field(None, ge=1, description="cap on max_tokens")
+    # A reply without max_tokens (nor a registry default) stops here or at the context's end,
+    # whichever is first. vLLM, llama-server and Ollama run to the context's end, which with a
+    # large n_ctx and a model that never emits its end token (json_object whitespace) means
+    # the request timeout. 4096 leaves room for a reasoning model's thinking and takes
+    # minutes, not ten, even on a CPU.
+    default_max_tokens: int = Field(4096, ge=1, description="max_tokens when a request sets none")
     max_n: int = Field(16, ge=1)
     max_messages: int = Field(1024, ge=1)
     request_timeout_s: float = Field(600.0, gt=0, description="longest a generation may run")
     # --- security ---
     api_keys: list[str] = Field(default_factory=list, repr=False)
     api_key_file: Path | None = None
+    # Admin keys (also user keys) may load, unload, reload and download models; with API keys
+    # set and no admin key nobody may. With no key of either kind the server is open to all.
+    admin_keys: list[str] = Field(default_factory=list, repr=False)
+    admin_key_file: Path | None = None
     metrics_require_key: bool = False
     cors_origins: list[str] = Field(default_factory=list)
     # --- shutdown: on SIGTERM /ready turns 503 for drain_s, then running streams get up to

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 from fastapi import FastAPI
 
@@ -157,31 +159,122 @@ def test_gguf_template_cannot_run_code(tmp_path: Path, anyio_backend: str) -> No
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-def test_sigterm_drains_then_lets_running_streams_finish(anyio_backend: str) -> None:
-    live = LiveServer(["--drain-s", "1.5"])
-    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0)
-    result: dict[str, Any] = {}
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds: tests wait on what the server shows, not on sleeps."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
 
-    def stream() -> None:
-        chunks = list(client.completions.create(
-            model="smollm2-135m-instruct", prompt="A long story:", max_tokens=400, stream=True,
-            stream_options={"include_usage": True},
-            logit_bias={"0": -100, "2": -100, "4": -100}))
-        result["usage"] = chunks[-1].usage
-        result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
 
-    worker = threading.Thread(target=stream)
-    worker.start()
-    time.sleep(0.3)
-    live.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    assert httpx.get(f"{live.url}/ready").status_code == 503  # balancers drain it...
-    assert httpx.get(f"{live.url}/health").status_code == 200  # ...while it still serves
+class LongStream(threading.Thread):
+    """A completion stream of `max_tokens` tokens (EOS banned) read in the background, line by
+    line; `started` is set once its first chunk has arrived."""
+
+    def __init__(self, live: LiveServer, max_tokens: int) -> None:
+        super().__init__()
+        self.live, self.max_tokens = live, max_tokens
+        self.started = threading.Event()
+        self.data: list[str] = []
+        self.failure: Exception | None = None
+
+    def run(self) -> None:
+        body = {"model": "smollm2-135m-instruct", "prompt": "A long story:", "stream": True,
+                "max_tokens": self.max_tokens, "stream_options": {"include_usage": True},
+                "logit_bias": {"0": -100, "2": -100, "4": -100}}
+        try:
+            with httpx.stream("POST", f"{self.live.url}/v1/completions", json=body,
+                              timeout=180) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        self.data.append(line[6:])
+                        self.started.set()
+        except httpx.HTTPError as exc:  # a cut stream: the test reports it
+            self.failure = exc
+
+    def events(self) -> list[Any]:
+        assert self.failure is None and self.data[-1] == "[DONE]", (self.failure, self.data[-3:])
+        return [json.loads(x) for x in self.data[:-1]]
+
+
+def start_stream(live: LiveServer, max_tokens: int) -> LongStream:
+    stream = LongStream(live, max_tokens)
+    stream.start()
+    assert stream.started.wait(60), live.log.read_text()
+    return stream
+
+
+def quiet_exit(live: LiveServer, timeout: float = 60.0) -> int:
+    """The server's exit status, once it has exited without a traceback in its log."""
     try:
-        worker.join(timeout=60)
-        # uvicorn re-raises the signal once it has shut down gracefully
-        assert live.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        code = live.proc.wait(timeout=timeout)
     finally:
         live.stop()
-    assert result["finish"] == "length" and result["usage"].completion_tokens == 400
+    log = live.log.read_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    return code
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+def test_sigterm_drains_then_lets_running_streams_finish(anyio_backend: str) -> None:
+    # the drain only bounds how long the test has to see /ready turn 503, so it is generous;
+    # the shutdown timeout leaves a slow machine all the time it needs for the 400 tokens
+    live = LiveServer(["--drain-s", "5"], env={"GGSERVE_SHUTDOWN_TIMEOUT_S": "300"})
+    stream = start_stream(live, max_tokens=400)
+    live.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(f"{live.url}/ready").status_code == 503)  # balancers drain it...
+    assert httpx.get(f"{live.url}/health").status_code == 200  # ...while it still serves
+    stream.join(timeout=300)
+    # uvicorn re-raises the signal once it has shut down gracefully
+    assert quiet_exit(live, timeout=60) in (0, -signal.SIGTERM)
+    events = stream.events()
+    assert events[-1]["usage"]["completion_tokens"] == 400
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, -signal.SIGTERM),
+                                              (signal.SIGINT, 128 + signal.SIGINT)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_stream_outlasting_the_shutdown_timeout_ends_with_an_error_then_done(
+        anyio_backend: str, sig: signal.Signals, status: int) -> None:
+    live = LiveServer([], env={"GGSERVE_SHUTDOWN_TIMEOUT_S": "1"})
+    stream = start_stream(live, max_tokens=8000)  # minutes of decoding; 1 s is left to it
+    live.proc.send_signal(sig)
+    stream.join(timeout=120)
+    assert quiet_exit(live) == status
+    error = stream.events()[-1]["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "server_error"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+def test_ctrl_c_when_idle_exits_without_a_traceback(anyio_backend: str) -> None:
+    live = LiveServer([])
+    live.proc.send_signal(signal.SIGINT)
+    assert quiet_exit(live) == 128 + signal.SIGINT
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+def test_a_second_ctrl_c_stops_waiting_for_running_streams(anyio_backend: str) -> None:
+    live = LiveServer([])  # the default 30 s shutdown timeout
+    stream = start_stream(live, max_tokens=8000)
+    live.proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "Waiting for connections to close" in live.log.read_text())
+    live.proc.send_signal(signal.SIGINT)
+    assert quiet_exit(live, timeout=15) == 128 + signal.SIGINT  # well before the 30 s
+    stream.join(timeout=30)
+    assert stream.events()[-1]["error"]["code"] == "shutting_down"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+def test_a_port_in_use_is_reported_before_any_model_loads(anyio_backend: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "server", "--port", str(port)],
+                              cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "loading model" not in done.stderr + done.stdout

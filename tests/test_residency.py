@@ -130,14 +130,17 @@ def test_admin_loads_and_unloads_and_names_unknown_models(two_at_most: LiveServe
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
-def test_admin_endpoints_need_the_api_key(tmp_path: Path, ggufs: dict[str, Path]) -> None:
+def test_admin_endpoints_need_an_admin_key(tmp_path: Path, ggufs: dict[str, Path]) -> None:
     registry = write_registry(tmp_path / "models.yaml", ggufs, ["a", "b"])
-    live = LiveServer(["--models-file", str(registry)], env={"GGSERVE_API_KEYS": '["k"]'})
+    live = LiveServer(["--models-file", str(registry)],
+                      env={"GGSERVE_API_KEYS": '["k"]', "GGSERVE_ADMIN_KEYS": '["admin"]'})
     try:
         for path in ("/models/load", "/models/unload", "/admin/reload"):
             assert httpx.post(f"{live.url}{path}", json={"model": "b"}).status_code == 401
+            assert httpx.post(f"{live.url}{path}", json={"model": "b"},
+                              headers={"Authorization": "Bearer k"}).status_code == 403
         ok = httpx.post(f"{live.url}/models/load", json={"model": "b"},
-                        headers={"Authorization": "Bearer k"}, timeout=60)
+                        headers={"Authorization": "Bearer admin"}, timeout=60)
         assert ok.status_code == 200
     finally:
         live.stop()

@@ -103,7 +103,13 @@ def test_a_full_queue_answers_503_with_retry_after(client: openai.OpenAI,
         futures = [pool.submit(long_one, i) for i in range(PARALLEL)]
         until("ggserve:num_sequences_running", PARALLEL)
         futures += [pool.submit(long_one, i) for i in range(PARALLEL, PARALLEL + MAX_WAITING)]
-        until("ggserve:num_requests_waiting", MAX_WAITING)
+        for _ in range(500):  # the moment /ready calls the queue full, the gauge says so too
+            ready = httpx.get(f"{small.url}/ready")
+            if ready.status_code == 503:
+                break
+            time.sleep(0.01)
+        assert "a request queue is full" in ready.json()["problems"]
+        assert small.metric("ggserve:num_requests_waiting", model=MODEL) == MAX_WAITING
         response = httpx.post(f"{small.url}/v1/completions",
                               json={"model": MODEL, "prompt": "one more", "max_tokens": 2})
         assert all(f.result().usage.completion_tokens == 70 for f in futures)
@@ -111,3 +117,12 @@ def test_a_full_queue_answers_503_with_retry_after(client: openai.OpenAI,
     assert response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "server_overloaded"
     assert complete(client, "after the rush", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_logit_bias_outside_the_vocabulary_is_a_400_naming_the_id(client: openai.OpenAI) -> None:
+    # The API layer cannot know the vocabulary; the engine checks the ids before decoding.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
+                                  logit_bias={"1000000000": 5})
+    assert refused.value.body["param"] == "logit_bias"  # type: ignore[index]
+    assert "1000000000" in refused.value.body["message"]  # type: ignore[index]

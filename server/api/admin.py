@@ -1,4 +1,5 @@
-"""POST /admin/reload: read models.yaml again without a restart (SIGHUP does the same)."""
+"""POST /admin/reload (admin keys only): read models.yaml again without a restart (SIGHUP does
+the same)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel
 
-from server.api.schemas import ERROR_RESPONSES
+from server.api.models import ADMIN_RESPONSES
 from server.errors import InvalidRequest, RegistryError
 from server.registry import Registry
 
@@ -20,7 +21,7 @@ class Reloaded(BaseModel):
     default: str
 
 
-@router.post("/admin/reload", responses={400: ERROR_RESPONSES[400], 401: ERROR_RESPONSES[401]})
+@router.post("/admin/reload", responses=ADMIN_RESPONSES)
 async def reload(request: Request) -> Reloaded:
     """Re-read the registry; an invalid file is refused with its errors and the old one stays."""
     try:

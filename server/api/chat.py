@@ -37,6 +37,7 @@ from server.engine.base import (
 )
 from server.errors import InvalidRequest
 from server.registry import ModelSpec
+from server.settings import Settings
 
 router = APIRouter()
 
@@ -51,7 +52,7 @@ async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep,
     info = await engine.model_info(spec.id)
     plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls,
                       info.chat_template)
-    request = await _generation_request(body, spec, info, plan)
+    request = await _generation_request(body, spec, info, plan, settings)
     generation = await Generation.start(engine, request, metrics, "chat", "chatcmpl",
                                         settings.request_timeout_s)
     reasoning = None if body.reasoning_format == "none" else reasoning_for(
@@ -95,9 +96,9 @@ async def chat_prompt(spec: ModelSpec, info: ModelInfo, messages: list[dict[str,
 
 
 async def _generation_request(body: ChatCompletionRequest, spec: ModelSpec, info: ModelInfo,
-                              plan: ToolPlan | None) -> GenerationRequest:
+                              plan: ToolPlan | None, settings: Settings) -> GenerationRequest:
     prompt = await chat_prompt(spec, info, [m.as_template_input() for m in body.messages], plan)
-    request = body.to_generation(spec, prompt)
+    request = body.to_generation(spec, prompt, settings)
     if plan is None:
         return request
     if request.grammar is not None:

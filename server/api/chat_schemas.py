@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.api.logprobs import MAX_TOP_LOGPROBS, ChoiceLogprobs
 from server.api.schemas import CompletionUsage, GenerationBody
@@ -37,6 +37,14 @@ class ChatMessage(BaseModel):
     tool_calls: list[ChatCompletionMessageToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool result: the call it answers
 
+    @model_validator(mode="after")
+    def _tool_result_names_its_call(self) -> Self:
+        # Templates pair results with calls by this id; without it they render a broken turn.
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs 'tool_call_id': the id of the call it "
+                             "answers")
+        return self
+
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
@@ -57,13 +65,13 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    logprobs: bool | None = Field(None, strict=True)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = Field(None, strict=True)
     # --- extension (llama-server's): "none" returns a reasoning model's raw text ---
     reasoning_format: Literal["none", "auto", "deepseek"] | None = None
 

@@ -49,8 +49,8 @@ async def create_completion(body: CompletionRequest, engine: EngineDep, registry
     body.check_limits(settings)
     spec = registry.get(body.model)
     prompts = body.prompts()
-    requests = [body.to_generation(spec, p if isinstance(p, tuple) else plain_prompt(p))
-                for p in prompts]
+    requests = [body.to_generation(spec, p if isinstance(p, tuple) else plain_prompt(p),
+                                  settings) for p in prompts]
     generations = await start_all(engine, requests, metrics, "completions", "cmpl",
                                   settings.request_timeout_s)
     if body.stream:

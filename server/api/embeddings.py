@@ -11,10 +11,10 @@ from collections.abc import Awaitable
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.api.schemas import ERROR_RESPONSES
+from server.api.schemas import ERROR_RESPONSES, RequestBody
 from server.engine.base import Embeddings
 from server.errors import InvalidRequest, RequestTimedOut, ServerError
 
@@ -23,13 +23,11 @@ log = logging.getLogger("server.requests")
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class EmbeddingRequest(RequestBody):
     input: str | list[str] | list[int] | list[list[int]]
     model: str
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = None
+    dimensions: int | None = Field(None, strict=True)
     user: str | None = None
 
     @field_validator("input", mode="before")

@@ -30,6 +30,12 @@ def internal_error_body() -> dict[str, Any]:
                       "type": "server_error", "param": None, "code": None}}
 
 
+def unexpected_error_response(exc: Exception) -> JSONResponse:
+    """The 500 for an exception no handler maps: logged with its traceback, never shown."""
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(internal_error_body(), status_code=500)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -61,7 +67,8 @@ def install_error_handlers(app: FastAPI) -> None:
                                        "code": None}}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    # The app's ObserveRequests answers most unexpected errors itself (with the request id);
+    # this catches those raised outside it.
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(internal_error_body(), status_code=500)
+        return unexpected_error_response(exc)

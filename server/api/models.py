@@ -1,4 +1,5 @@
-"""GET /v1/models (every registry entry and where it stands), POST /models/load and /unload."""
+"""GET /v1/models (every registry entry and where it stands); POST /models/load and /unload, for
+admin keys only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from server.api.deps import EngineDep, RegistryDep
 from server.api.schemas import (
     ERROR_RESPONSES,
     DownloadProgress,
+    ErrorResponse,
     LoadRequest,
     Model,
     ModelList,
@@ -20,9 +22,16 @@ from server.engine.base import Engine
 from server.registry import ModelSpec
 
 router = APIRouter()
+admin_router = APIRouter()
 _STARTED = int(time.time())
 _GUARDED: dict[int | str, dict[str, Any]] = {401: ERROR_RESPONSES[401],
                                               404: ERROR_RESPONSES[404]}
+# 400: a body that is not {"model": str}; 403: a key without the admin scope, or a page from
+# another origin; 415: a body that is not JSON.
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: ERROR_RESPONSES[400], 401: ERROR_RESPONSES[401],
+    403: {"model": ErrorResponse, "description": "Needs an admin key, or another origin's page"},
+    415: {"model": ErrorResponse, "description": "The body is not JSON"}}
 
 
 @router.get("/v1/models", responses={401: ERROR_RESPONSES[401]})
@@ -35,7 +44,7 @@ async def retrieve_model(model_id: str, registry: RegistryDep, engine: EngineDep
     return _describe(registry.get(model_id), engine)
 
 
-@router.post("/models/load", responses=_GUARDED)
+@admin_router.post("/models/load", responses={**ADMIN_RESPONSES, **_GUARDED})
 async def load_model(body: LoadRequest, registry: RegistryDep, engine: EngineDep) -> Model:
     """Load a model now (downloading it first if needed); returns once it is loaded."""
     spec = registry.get(body.model)
@@ -43,7 +52,7 @@ async def load_model(body: LoadRequest, registry: RegistryDep, engine: EngineDep
     return _describe(spec, engine)
 
 
-@router.post("/models/unload", responses=_GUARDED)
+@admin_router.post("/models/unload", responses={**ADMIN_RESPONSES, **_GUARDED})
 async def unload_model(body: LoadRequest, registry: RegistryDep, engine: EngineDep) -> Model:
     """Unload a model now, or as soon as the requests it is serving finish."""
     spec = registry.get(body.model)

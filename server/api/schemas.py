@@ -1,14 +1,27 @@
 """Pydantic mirrors of OpenAI's wire objects, fields in the API reference's order.
 
-Requests accept fields this server does not know (clients send many), but a known feature it
-does not implement is refused with a 400 by `unsupported()`, never silently ignored.
+Requests accept fields this server does not know (clients send many), as vLLM does: they are
+logged and named in the `X-Ignored-Fields` response header. A known feature this server does
+not implement is refused with a 400 by `unsupported()`, never silently ignored. Numeric and
+boolean fields are strict: `"4"` is not a number.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+import re
+from contextvars import ContextVar
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from server.api.logprobs import MAX_TOP_LOGPROBS, CompletionLogprobs
 from server.chat.template import Prompt
@@ -26,39 +39,99 @@ from server.grammar.json_schema import json_object_grammar, json_schema_grammar
 from server.registry import ModelSpec
 from server.settings import Settings
 
+log = logging.getLogger("server.requests")
 MAX_STOP_STRINGS = 16
 MAX_PROMPTS = 128
+MAX_TOKEN_ID = 2**31 - 1  # llama_token is an int32: a larger id would wrap to another token
+# Set to a fresh list per request by the app's middleware, which names them in a header.
+IGNORED_FIELDS: ContextVar[list[str] | None] = ContextVar("ignored_fields", default=None)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_REPORTED = 16  # unknown field names per header and log line: a body may hold thousands
 
 
-class _Request(BaseModel):
+class RequestBody(BaseModel):
+    """A JSON request body: its text must be valid Unicode; unknown top-level fields are
+    reported, not refused."""
+
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"); Python reads it into a str that
+        # no encoder takes, so it would fail deep in a tokenizer or a response as a 500.
+        path = _lone_surrogate(data)
+        if path is not None:
+            where = f"'{path}'" if path else "the request body"
+            raise InvalidRequest(f"Invalid value for {where}: it holds a lone UTF-16 surrogate "
+                                 "(\\ud800-\\udfff), which is not valid Unicode text.",
+                                 param=path or None)
+        return data
+
+    @model_validator(mode="after")
+    def _report_unknown(self) -> Self:
+        names = [_printable(name) for name in self.model_extra or ()]
+        if names:
+            shown = names[:_MAX_REPORTED] + ([f"(+{len(names) - _MAX_REPORTED})"]
+                                             if len(names) > _MAX_REPORTED else [])
+            log.warning("ignored unknown request fields: %s", ", ".join(shown))
+            reported = IGNORED_FIELDS.get()
+            if reported is not None:
+                reported[:] = shown
+        return self
+
+
+def _printable(name: str) -> str:
+    """`name` in printable ASCII, for a header or a log line (a client picks any field name;
+    a control character in a header value makes the HTTP server drop the connection)."""
+    escaped = name.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if " " <= c <= "~" and c != "," else f"\\x{ord(c):02x}" for c in escaped)
+
+
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) in `value` holding a lone surrogate."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    items: Any = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    for key, item in items:
+        here = f"{path}.{_printable(str(key))}" if path else _printable(str(key))
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return here
+        if (found := _lone_surrogate(item, here)) is not None:
+            return found
+    return None
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
-class GenerationBody(_Request):
+class GenerationBody(RequestBody):
     """Fields common to chat and text completions."""
 
     model: str
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    n: int = Field(1, ge=1, le=128)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, strict=True)
+    logit_bias: dict[str, StrictFloat] | None = None
+    n: int = Field(1, ge=1, le=128, strict=True)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, strict=True)
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
-    stop: str | list[str | int] | None = None  # ints: token ids (as llama-server's tokens)
-    stream: bool = False
+    seed: int | None = Field(None, strict=True)
+    # ints: token ids (as llama-server's tokens)
+    stop: str | list[str | StrictInt] | None = None
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True)
+    top_p: float | None = Field(None, ge=0.0, le=1.0, strict=True)
     user: str | None = None
     # --- extensions (llama.cpp samplers, as llama-server and vLLM accept them) ---
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repeat_penalty: float | None = Field(None, gt=0.0)
-    stop_token_ids: list[int] | None = None  # as vLLM's
+    top_k: int | None = Field(None, ge=0, strict=True)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, strict=True)
+    repeat_penalty: float | None = Field(None, gt=0.0, strict=True)
+    stop_token_ids: list[StrictInt] | None = None  # as vLLM's
     # --- extension (as Ollama): how long the model stays loaded after this request ---
     keep_alive: float | str | None = Field(
         None, description="seconds or a duration ('5m'); -1 keeps the model loaded, 0 unloads "
@@ -95,8 +168,10 @@ class GenerationBody(_Request):
             raise InvalidRequest(f"n is {self.n}; this server allows at most {settings.max_n}.",
                                  param="n")
 
-    def to_generation(self, spec: ModelSpec, prompt: Prompt | TokenIds) -> GenerationRequest:
-        """Engine parameters: what the request says, else the model's registry defaults."""
+    def to_generation(self, spec: ModelSpec, prompt: Prompt | TokenIds,
+                      settings: Settings) -> GenerationRequest:
+        """Engine parameters: what the request says, else the model's registry defaults, else
+        the server's."""
         self.unsupported()
         d = spec.sampling
 
@@ -115,9 +190,16 @@ class GenerationBody(_Request):
             logit_bias=self._token_bias(),
         )
         stops = self.stop or []
+        cap = settings.max_tokens_limit
+        # The registry's default counts as asked for (over the context: a 400); without one,
+        # the server's default only caps a reply that otherwise runs to the context's end.
+        wanted = pick(self._max_tokens(), d.max_tokens)
+        if wanted is not None and cap is not None:
+            wanted = min(wanted, cap)  # over the cap only when the registry set it: not a 400
         return GenerationRequest(
             model=spec.id, prompt=prompt, sampling=sampling,
-            max_tokens=pick(self._max_tokens(), d.max_tokens),
+            max_tokens=wanted,
+            default_max_tokens=min(settings.default_max_tokens, cap or MAX_TOKEN_ID),
             stop=tuple(s for s in stops if isinstance(s, str)),
             stop_tokens=tuple(s for s in stops if isinstance(s, int))
             + tuple(self.stop_token_ids or ()),
@@ -150,9 +232,12 @@ class GenerationBody(_Request):
     def _token_bias(self) -> dict[int, float]:
         bias: dict[int, float] = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit() or int(key) < 0:
+            if not key.isascii() or not key.isdigit():
                 raise InvalidRequest(f"logit_bias keys must be token ids; got '{key}'",
                                      param="logit_bias")
+            if int(key) > MAX_TOKEN_ID:  # the engine checks smaller ids against its vocabulary
+                raise InvalidRequest(f"Token id {key} in logit_bias is not in this model's "
+                                     "vocabulary.", param="logit_bias")
             if not -100 <= value <= 100:
                 raise InvalidRequest(f"logit_bias values must be in [-100, 100]; got {value}",
                                      param="logit_bias")
@@ -196,11 +281,12 @@ class CompletionUsage(BaseModel):
 
 class CompletionRequest(GenerationBody):
     # One prompt, or a batch: strings, or token ids (read as they are, without a BOS).
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for this endpoint
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    best_of: int | None = Field(None, strict=True)
+    echo: bool = Field(False, strict=True)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
+    # OpenAI's default for this endpoint; null: the server's default (GGSERVE_DEFAULT_MAX_TOKENS)
+    max_tokens: int | None = Field(16, ge=0, strict=True)
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -282,7 +368,7 @@ class Placement(BaseModel):
     memory_vram_bytes: int
 
 
-class LoadRequest(_Request):
+class LoadRequest(RequestBody):
     """POST /models/load and /models/unload, as llama-server's router mode takes them."""
 
     model: str

@@ -22,11 +22,16 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from server.api.errors import error_body, internal_error_body
-from server.errors import ServerError
+from server.errors import ServerError, ServerShuttingDown
 
 log = logging.getLogger("server.api")
 PING_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
 DONE = b"data: [DONE]\n\n"
+# How a stream still running when the server stops ends: uvicorn cancels it once
+# GGSERVE_SHUTDOWN_TIMEOUT_S has passed, and the client should see why, not a cut connection.
+SHUT_DOWN = b"data: " + json.dumps(error_body(ServerShuttingDown(
+    "The server shut down before this stream finished; retry on another replica."))).encode() \
+    + b"\n\n" + DONE
 
 
 def sse_response(chunks: AsyncIterator[BaseModel], *, on_close: Callable[[], None],
@@ -65,6 +70,8 @@ class EventStream(Response):
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
         self._last_send = time.monotonic()
         self._sending = False
+        self._events_done = False  # every event, `[DONE]` included, has been sent
+        self._ended = False  # the final (empty) body has been sent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
@@ -72,8 +79,11 @@ class EventStream(Response):
         tasks = [asyncio.ensure_future(self._stream(send)),
                  asyncio.ensure_future(self._disconnect(receive)),
                  asyncio.ensure_future(self._ping(send))]
+        cancelled = False
         try:
             await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            cancelled = True
         finally:
             for task in tasks:
                 task.cancel()
@@ -82,11 +92,30 @@ class EventStream(Response):
                     await task
             with contextlib.suppress(BaseException):
                 await self._events.aclose()  # type: ignore[attr-defined]
+        if cancelled:
+            await self._end_cut_short(send)
+
+    async def _end_cut_short(self, send: Send) -> None:
+        """End a stream the server cancelled (its shutdown timeout): error in-band, `[DONE]`.
+
+        Cancellation here comes only from uvicorn giving up on running requests (or asyncio.run
+        tearing down after a forced exit), so the request ends normally rather than re-raising:
+        a re-raised CancelledError would make uvicorn log a traceback and cut the connection.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        if not self._ended:
+            body = b"" if self._events_done else SHUT_DOWN
+            self._ended = True
+            await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _stream(self, send: Send) -> None:
         async for event in self._events:
             await self._send(send, event)
+        self._events_done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._ended = True
 
     async def _send(self, send: Send, body: bytes) -> None:
         self._sending = True

@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, StrictInt, model_validator
 
 from server.api.chat import chat_prompt
 from server.api.chat_schemas import ChatMessage
 from server.api.deps import EngineDep, RegistryDep, SettingsDep
-from server.api.schemas import ERROR_RESPONSES
+from server.api.schemas import ERROR_RESPONSES, RequestBody
 from server.chat.template import Prompt, plain_prompt
 from server.chat.tools import plan_tools
 from server.engine.base import ModelInfo
@@ -38,10 +38,8 @@ class TokenizerInfoResponse(BaseModel):
     add_bos_token: bool
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     """A prompt string, or chat messages rendered as /v1/chat/completions renders them."""
-
-    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     prompt: str | None = None
@@ -67,11 +65,9 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class DetokenizeRequest(RequestBody):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]
 
 
 class DetokenizeResponse(BaseModel):

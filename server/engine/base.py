@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -14,6 +15,11 @@ if TYPE_CHECKING:
     from server.registry import Registry
 
 FinishReason = Literal["stop", "length"]
+
+# Whether the caller may have a model's GGUF downloaded (the API's admin scope). A context
+# variable rather than an argument: every engine call that names a model may load it, and only
+# the download step asks.
+MAY_DOWNLOAD: ContextVar[bool] = ContextVar("may_download", default=True)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class GenerationRequest:
     prompt: Prompt | TokenIds
     sampling: SamplingParams = SamplingParams()
     max_tokens: int | None = None
+    # With max_tokens None: stop after this many tokens or at the context's end, whichever
+    # comes first (a server default, which never makes a request overflow the context).
+    default_max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     stop_tokens: TokenIds = ()
     n: int = 1

@@ -96,6 +96,7 @@ class FakeEngine:
         await self.model_info(request.model)
         if request.model in self.embedding_models:
             raise EmbeddingModelOnly(request.model)
+        self._check(list(request.sampling.logit_bias), "logit_bias")
         self.requests.append(request)
         return _FakeStream(self, request)
 
@@ -159,7 +160,7 @@ class _FakeStream:
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         engine, request = self._engine, self._request
-        limit = request.max_tokens or len(engine.script)
+        limit = request.max_tokens or request.default_max_tokens or len(engine.script)
         generated = 0
         completed = False
         try:

@@ -22,6 +22,7 @@ from typing import Any
 from server import hub
 from server.chat.template import Prompt
 from server.engine.base import (
+    MAY_DOWNLOAD,
     Embeddings,
     Event,
     GenerationRequest,
@@ -45,6 +46,7 @@ from server.engine.llama.native import (
 from server.errors import (
     EmbeddingModelOnly,
     ModelLoadFailed,
+    ModelNotDownloaded,
     ModelNotFound,
     NotAnEmbeddingModel,
     ServerOverloaded,
@@ -266,6 +268,8 @@ class LlamaEngine:
             for device in ("cpu", "gpu"):
                 with contextlib.suppress(KeyError):
                     self.metrics.model_memory.remove(resident.spec.id, kind, device)
+        with contextlib.suppress(KeyError):  # its gauge reads the closed scheduler's queue
+            self.metrics.requests_waiting.remove(resident.spec.id)
         self.metrics.models_loaded.set(len(self._resident))
         log.info("model %s unloaded", resident.spec.id)
 
@@ -274,6 +278,8 @@ class LlamaEngine:
         try:
             path = self.registry.local_file(spec)
             if spec.repo and not path.is_file():
+                if not MAY_DOWNLOAD.get():
+                    raise ModelNotDownloaded(spec.id)
                 await self._download(spec, path)
             self._pending[spec.id] = _Pending("loading")
             gguf = await asyncio.to_thread(read_gguf, path)

@@ -84,6 +84,7 @@ class Scheduler:
         self._reported = 0.0  # when the gauges were last refreshed
         self._model_stop_tokens = self._stop_token_ids(config.stop)
         self._logits = LogitReader(self.ctx, model.n_vocab, model.special_piece)
+        self._metrics.track_waiting(lambda: self.waiting)
         self._thread = threading.Thread(target=self._run, name=f"scheduler:{name}", daemon=True)
         self._thread.start()
 
@@ -143,9 +144,10 @@ class Scheduler:
             raise ContextLengthExceeded(n_prompt_tokens=len(tokens), n_ctx=self.config.n_ctx,
                                         max_tokens=wanted)
         check_tokens(self.model, request.stop_tokens, "stop")
+        check_tokens(self.model, tuple(request.sampling.logit_bias), "logit_bias")
         stop_tokens = self._model_stop_tokens | self._stop_token_ids(request.stop) | \
             frozenset(request.stop_tokens)
-        max_new = room if wanted is None else wanted
+        max_new = min(room, request.default_max_tokens or room) if wanted is None else wanted
         reservation = len(tokens) + request.n * max_new
         if reservation > self.kv_cells:
             raise InvalidRequest(
@@ -210,7 +212,7 @@ class Scheduler:
         running = [c for job in self._running for c in job.choices if c.finish is None]
         held = sum(job.prefilled + len(c.fed) for job in self._running for c in job.choices
                    if c.finish is None) + self._slots.idle_cells()
-        self._metrics.report(len(running), self.waiting, held, self.kv_cells)
+        self._metrics.report(len(running), held, self.kv_cells)
 
     def _receive(self) -> bool:
         """Take new requests from the inbox, blocking while idle; False once closing."""
