@@ -14,9 +14,10 @@ import asyncio
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import jinja2
+from typing_extensions import Unpack
 
 from server.chat.deadline import DeadlineExceeded, call_with_deadline
 from server.chat.sandbox import ChatSandbox, SizeLimitExceeded, sized_items
@@ -24,6 +25,7 @@ from server.chat.shield import BrokenPlaceholder, Shield
 from server.errors import PromptRenderError
 
 RENDER_SECONDS = 2.0  # a real template renders in milliseconds
+TEMPLATE_NAME = "The model's chat template"  # how errors name it unless told
 # Names a message's reasoning may come under; templates read the first (and gpt-oss `thinking`).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -80,7 +82,7 @@ def render_chat(
     add_generation_prompt: bool = True,
     extra: Mapping[str, Any] | None = None,
     special_tokens: Sequence[str] = (),
-    template_name: str = "The model's chat template",
+    template_name: str = TEMPLATE_NAME,
     seconds: float = RENDER_SECONDS,
 ) -> Prompt:
     """Render `messages` (and `extra`: tools, documents, template kwargs, all client data)
@@ -97,8 +99,7 @@ def render_chat(
     try:
         return call_with_deadline(lambda: _render(template, variables, shield), seconds)
     except DeadlineExceeded:
-        raise PromptRenderError(f"{template_name} took longer than {seconds:g} s to render and "
-                                "was stopped", param="messages") from None
+        raise _too_slow(template_name, seconds) from None
     except SizeLimitExceeded as exc:
         raise PromptRenderError(f"{template_name} was stopped: {exc}", param="messages") from exc
     except (jinja2.TemplateError, BrokenPlaceholder) as exc:
@@ -109,27 +110,31 @@ def render_chat(
                                 f"{type(exc).__name__}: {exc}", param="messages") from exc
 
 
-async def render_chat_async(
-    template: str,
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    bos_token: str = "",
-    eos_token: str = "",
-    add_generation_prompt: bool = True,
-    extra: Mapping[str, Any] | None = None,
-    special_tokens: Sequence[str] = (),
-    template_name: str = "The model's chat template",
-    seconds: float = RENDER_SECONDS,
-) -> Prompt:
+class RenderOptions(TypedDict, total=False):
+    """render_chat's keyword options, for render_chat_async to pass on."""
+
+    bos_token: str
+    eos_token: str
+    add_generation_prompt: bool
+    extra: Mapping[str, Any] | None
+    special_tokens: Sequence[str]
+    template_name: str
+    seconds: float
+
+
+async def render_chat_async(template: str, messages: Sequence[Mapping[str, Any]],
+                            **options: Unpack[RenderOptions]) -> Prompt:
     """render_chat in a worker thread, so that a slow template never stalls the event loop."""
-    render = functools.partial(
-        render_chat, template, messages, bos_token=bos_token, eos_token=eos_token,
-        add_generation_prompt=add_generation_prompt, extra=extra,
-        special_tokens=special_tokens, template_name=template_name, seconds=seconds)
+    seconds = options.get("seconds", RENDER_SECONDS)
+    render = functools.partial(render_chat, template, messages, **options)
     try:
         # The margin covers a C call that the deadline has to wait out; the thread finishes
         # it alone after we answer.
         return await asyncio.wait_for(asyncio.to_thread(render), seconds + 1.0)
     except TimeoutError:
-        raise PromptRenderError(f"{template_name} took longer than {seconds:g} s to render "
-                                "and was stopped", param="messages") from None
+        raise _too_slow(options.get("template_name", TEMPLATE_NAME), seconds) from None
+
+
+def _too_slow(template_name: str, seconds: float) -> PromptRenderError:
+    return PromptRenderError(f"{template_name} took longer than {seconds:g} s to render and "
+                             "was stopped", param="messages")

@@ -145,9 +145,7 @@ class Job:
 
     def flush(self, final: bool) -> None:
         """Hand the step's events to the event loop (thread-safe); `final` ends the stream."""
-        events = self.take(final)
-        if events:
-            self.stream.deliver_threadsafe(events)
+        deliver_all([(self, final)])
 
 
 def deliver_all(ready: list[tuple[Job, bool]]) -> None:
@@ -175,9 +173,6 @@ class JobStream:
         self._on_cancel = on_cancel
         self.cancelled = False
         self._finished = False
-
-    def deliver_threadsafe(self, events: Sequence[object]) -> None:
-        self.loop.call_soon_threadsafe(self._queue.put_nowait, events)
 
     def put(self, events: Sequence[object]) -> None:
         """Deliver `events` (on the event loop's thread)."""

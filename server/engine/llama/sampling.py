@@ -55,8 +55,8 @@ class SequenceSampler:
         self._params = params
         self._grammar = grammar or None
         self.chain = _chain()
-        self._penalties = None
-        self._add_bias_and_penalties(self.chain, params)
+        self._penalties = _penalties(params, n_vocab)
+        self._add_bias_and_penalties(self.chain, self._penalties)
         self._add_selection(self.chain, params, seed)
         self.in_graph = False  # attached to the context as a backend sampler
         self._cur: np.ndarray[Any, Any] | None = None  # candidate buffer, grammar path only
@@ -69,14 +69,12 @@ class SequenceSampler:
                                         len(params.logit_bias))
         self._bias_set = frozenset(params.logit_bias)
 
-    def _add_bias_and_penalties(self, chain: Any, params: SamplingParams) -> None:
-        if params.logit_bias:
-            lc.llama_sampler_chain_add(chain, _logit_bias(params, self._n_vocab))
-        if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
-            self._penalties = lc.llama_sampler_init_penalties(
-                self._n_vocab, PENALTY_WINDOW, params.repeat_penalty, params.frequency_penalty,
-                params.presence_penalty)
-            lc.llama_sampler_chain_add(chain, self._penalties)
+    def _add_bias_and_penalties(self, chain: Any, penalties: Any) -> None:
+        """The logit bias, then `penalties` (this sampler's own, or a clone of them)."""
+        if self._params.logit_bias:
+            lc.llama_sampler_chain_add(chain, _logit_bias(self._params, self._n_vocab))
+        if penalties is not None:
+            lc.llama_sampler_chain_add(chain, penalties)
 
     @staticmethod
     def _add_selection(chain: Any, params: SamplingParams, seed: int | None) -> None:
@@ -94,10 +92,6 @@ class SequenceSampler:
             add(lc.llama_sampler_init_min_p(params.min_p, 1))
         add(lc.llama_sampler_init_temp(params.temperature))
         add(lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED if seed is None else seed))
-
-    @property
-    def constrained(self) -> bool:
-        return self._grammar is not None
 
     def prime(self, prompt: list[int]) -> None:
         """Let the penalties count the prompt's last tokens too, as llama-server's do."""
@@ -202,7 +196,9 @@ class SequenceSampler:
         ranking = cur.copy()  # bias and penalties change the order: rank after them
         pre = _chain()
         try:
-            self._add_bias_and_penalties_copy(pre)
+            # The penalties cloned with their history, which the chain's own keep.
+            self._add_bias_and_penalties(pre, self._penalties and
+                                         lc.llama_sampler_clone(self._penalties))
             if lc.llama_sampler_chain_n(pre):
                 lc.llama_sampler_apply(pre, ctypes.byref(_array(ranking, len(ranking))))
         finally:
@@ -227,14 +223,6 @@ class SequenceSampler:
         arr = _array(kept, len(kept))
         lc.llama_sampler_apply(self.chain, ctypes.byref(arr))  # its own random state draws
         return int(kept["id"][arr.selected])
-
-    def _add_bias_and_penalties_copy(self, chain: Any) -> None:
-        """The chain's bias and penalties as a separate chain (the penalties cloned with their
-        history, which the original keeps)."""
-        if self._params.logit_bias:
-            lc.llama_sampler_chain_add(chain, _logit_bias(self._params, self._n_vocab))
-        if self._penalties is not None:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_clone(self._penalties))
 
     def close(self) -> None:
         for name in ("chain", "_grammar"):
@@ -263,6 +251,14 @@ def parse_grammar(vocab: Any, grammar: Grammar) -> Any:
 def free_sampler(sampler: Any) -> None:
     if sampler:
         lc.llama_sampler_free(sampler)
+
+
+def _penalties(params: SamplingParams, n_vocab: int) -> Any:
+    """The repetition penalties sampler `params` asks for; None when all are off."""
+    if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) == (1, 0, 0):
+        return None
+    return lc.llama_sampler_init_penalties(n_vocab, PENALTY_WINDOW, params.repeat_penalty,
+                                           params.frequency_penalty, params.presence_penalty)
 
 
 def _logit_bias(params: SamplingParams, n_vocab: int) -> Any:

@@ -473,13 +473,12 @@ class Scheduler:
                     status: int) -> None:
         """Remove what the failed batch wrote to the KV cache and fail the requests it
         touched; their sequences are forgotten, never offered as a cached prefix."""
-        log.error("llama_decode failed with status %d; failing the %d requests in the batch",
-                  status, len({id(decoding[e.key].job if not e.prefill else prefilling[e.key])
-                               for e in entries}))
         touched: dict[int, Job] = {}
         for entry in entries:
             job = prefilling[entry.key] if entry.prefill else decoding[entry.key].job
             touched[id(job)] = job
+        log.error("llama_decode failed with status %d; failing the %d requests in the batch",
+                  status, len(touched))
         error = EngineFailure(f"llama.cpp failed to decode (status {status}); retry the "
                               "request.")
         for job in touched.values():
