@@ -21,11 +21,9 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -55,46 +53,11 @@ class Cell:
         return "streamed" if self.stream else "non-streamed"
 
 
-@contextmanager
-def _padded_vocabulary(size: int) -> Iterator[None]:
-    """Make gguf_factory write a `size`-token vocabulary (it has ~3,600 pieces of its own).
-
-    The extra pieces are "▁" + every lowercase string of 1, 2, 3, ... letters in order, so
-    each one's prefixes are tokens too and SentencePiece merges reach all of them.
-    """
-    import gguf
-
-    from tests import gguf_factory
-
-    base = gguf_factory.vocabulary
-
-    def padded(*args: Any, **kwargs: Any) -> tuple[list[str], list[float], list[gguf.TokenType]]:
-        tokens, scores, types = base(*args, **kwargs)
-        seen, frontier = set(tokens), [""]
-        while len(tokens) < size:
-            frontier = [s + c for s in frontier for c in "abcdefghijklmnopqrstuvwxyz"]
-            for piece in ("▁" + s for s in frontier):
-                if len(tokens) == size:
-                    break
-                if piece not in seen:
-                    tokens.append(piece)
-                    scores.append(min(scores) - 1.0)
-                    types.append(gguf.TokenType.NORMAL)
-        return tokens, scores, types
-
-    gguf_factory.vocabulary = padded  # write_gguf looks the name up when it is called
-    try:
-        yield
-    finally:
-        gguf_factory.vocabulary = base
-
-
 def write_tiny_gguf(directory: Path) -> Path:
     from tests.gguf_factory import SHAPES, write_gguf
 
-    with _padded_vocabulary(VOCAB_SIZE):
-        return write_gguf(directory / "host-tiny.gguf", "llama", shape=SHAPES["tiny"],
-                          dtype="f32", seed=13)
+    return write_gguf(directory / "host-tiny.gguf", "llama", shape=SHAPES["tiny"],
+                      dtype="f32", seed=13, vocab_size=VOCAB_SIZE)
 
 
 def eog_bias(model: Path | None) -> dict[str, float]:

@@ -55,7 +55,8 @@ def timed(totals: dict[str, float], name: str, fn: Callable[..., Any]) -> Callab
     return wrapper
 
 
-def profile_steps(model: Path, sequences: int) -> tuple[dict[str, float], int]:
+def profile_steps(model: Path, sequences: int, args: argparse.Namespace) -> \
+        tuple[dict[str, float], int]:
     """Seconds per part over a run of `sequences` requests, and the number of steps."""
     totals: dict[str, float] = defaultdict(float)
     cls = scheduler_module.Scheduler
@@ -66,12 +67,21 @@ def profile_steps(model: Path, sequences: int) -> tuple[dict[str, float], int]:
     for name, fn in originals.items():
         setattr(cls, name, timed(totals, name, fn))
     SequenceSampler.sample = timed(totals, "sample", sample)  # type: ignore[method-assign]
-    scheduler_module.lc.llama_decode = timed(totals, "llama_decode", decode)
+    def decode_and_wait(ctx: Any, batch: Any) -> int:
+        # On a GPU llama_decode returns before the graph has run: wait here, so that the
+        # model's time is counted as the model's, not as the first logits read's (sampling).
+        rc = decode(ctx, batch)
+        scheduler_module.lc.llama_synchronize(ctx)
+        return rc
+
+    scheduler_module.lc.llama_decode = timed(totals, "llama_decode", decode_and_wait)
     try:
         init_backend()
-        native = NativeModel(model, n_gpu_layers=0, repack=False)
-        config = ContextConfig(n_ctx=1024, parallel=sequences, batch_tokens=512, threads=2,
-                               rope={}, kv_cells=1024 * sequences)
+        native = NativeModel(model, n_gpu_layers=args.gpu_layers, repack=False)
+        n_ctx = args.max_tokens + 512
+        config = ContextConfig(n_ctx=n_ctx, parallel=sequences, batch_tokens=512,
+                               threads=args.threads, rope={}, kv_cells=n_ctx * sequences,
+                               backend_sampling=args.backend_sampling)
         scheduler = scheduler_module.Scheduler(native, config, "bench", Metrics())
         metrics = scheduler._metrics
         metrics.stepped = timed(totals, "stepped", metrics.stepped)  # type: ignore[method-assign]
@@ -80,7 +90,8 @@ def profile_steps(model: Path, sequences: int) -> tuple[dict[str, float], int]:
             async def one(i: int) -> None:
                 request = GenerationRequest(
                     "bench", plain_prompt(f"{i} {time.time()} Once upon a time"),
-                    SamplingParams(temperature=0, logit_bias={EOS: -100.0}), max_tokens=512,
+                    SamplingParams(temperature=0, logit_bias={EOS: -100.0}),
+                    max_tokens=args.max_tokens,
                     stream=True)
                 async for _ in await scheduler.submit(request):
                     pass
@@ -101,8 +112,8 @@ def profile_steps(model: Path, sequences: int) -> tuple[dict[str, float], int]:
     return dict(totals), steps
 
 
-def print_steps(model: Path, counts: list[int]) -> None:
-    results = {n: profile_steps(model, n) for n in counts}
+def print_steps(model: Path, counts: list[int], args: argparse.Namespace) -> None:
+    results = {n: profile_steps(model, n, args) for n in counts}
     head = " | ".join(f"{n} seq: µs/step | µs/seq/step" for n in counts)
     print(f"\n| part | {head} |")
     print("|---|" + "---|---|" * len(counts))
@@ -179,9 +190,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--http", action="store_true", help="also profile the event loop")
+    parser.add_argument("--model", type=Path,
+                        help="a GGUF whose end-of-sequence token is id 2 (default: the tiny one)")
+    parser.add_argument("--gpu-layers", type=int, default=0, help="-1: every layer")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--backend-sampling", action="store_true",
+                        help="sampler chains in the decode graph (the server's default on a GPU)")
     args = parser.parse_args()
-    model = write_tiny_gguf(Path(tempfile.mkdtemp()))
-    print_steps(model, args.sequences)
+    model = args.model or write_tiny_gguf(Path(tempfile.mkdtemp()))
+    print_steps(model, args.sequences, args)
     if args.http:
         print_loop(model)
 

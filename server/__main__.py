@@ -42,7 +42,7 @@ def _parse(argv: list[str]) -> dict[str, object]:
                         help="llama.cpp flash attention (auto: where the backend has it)")
     parser.add_argument("--backend-sampling", choices=["auto", "on", "off"],
                         help="sample inside the decode graph where a request allows "
-                        "(auto: when layers are on a GPU)")
+                        "(default off; auto: when layers are on a GPU)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["text", "json"],
                         help="text (default) or JSON lines")

@@ -53,8 +53,10 @@ class Settings(BaseSettings):
     batch_tokens: int = Field(512, ge=16, description="tokens per llama_decode step")
     # llama.cpp's backend sampling: a request's sampler chain runs inside the decode graph (on
     # the GPU) instead of on the host, where the request allows it (no grammar, no
-    # log-probabilities). "auto": on where layers are offloaded to a GPU.
-    backend_sampling: Literal["auto", "on", "off"] = "auto"
+    # log-probabilities). "auto": on where layers are offloaded to a GPU. Off by default: on an
+    # H100 with a 32K vocabulary the chain's graph nodes cost more decode time than the host
+    # chain they replace (docs/benchmarks.md, "Backend sampling").
+    backend_sampling: Literal["auto", "on", "off"] = "off"
     threads: int = Field(default_factory=_default_threads, ge=1)
     cpu_repack: Literal["auto", "on", "off"] = "auto"
     # llama.cpp's flash attention ("auto": where the backend has it, as llama-server). On the

@@ -84,6 +84,9 @@ DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    # llama-quantize's Q4_K_M mix: Q4_K, with Q6_K for the output matrix and for attn_v and
+    # ffn_down in the layers `_more_bits` picks (see _matrix_type)
+    "q4_k_m": (gguf.GGMLQuantizationType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M),
 }
 WEIGHT_STD = 0.02
 NORM_EPS = 1e-5
@@ -166,6 +169,26 @@ def vocabulary(
         scores.append(-float(rank))
         types.append(gguf.TokenType.NORMAL)
     return tokens, scores, types
+
+
+def _pad_vocabulary(tokens: list[str], scores: list[float], types: list[gguf.TokenType],
+                    size: int) -> None:
+    """Grow a SentencePiece vocabulary to `size` tokens (a real model's vocabulary size).
+
+    The extra pieces are "▁" + every lowercase string of 1, 2, 3, ... letters in order, so
+    each one's prefixes are tokens too and SentencePiece merges reach all of them.
+    """
+    seen, frontier, lowest = set(tokens), [""], min(scores)
+    while len(tokens) < size:
+        frontier = [s + c for s in frontier for c in "abcdefghijklmnopqrstuvwxyz"]
+        for piece in ("▁" + s for s in frontier):
+            if len(tokens) == size:
+                break
+            if piece not in seen:
+                tokens.append(piece)
+                lowest -= 1.0
+                scores.append(lowest)
+                types.append(gguf.TokenType.NORMAL)
 
 
 def _byte_symbols() -> list[str]:
@@ -277,6 +300,25 @@ def _add_hparams(w: gguf.GGUFWriter, arch: str, shape: Shape, rope_freq_base: fl
         w.add_rope_dimension_count(shape.head_dim)
 
 
+def _more_bits(layer: int, n_layer: int) -> bool:
+    """llama-quantize's use_more_bits: the layers a K-quant mix gives more bits."""
+    return layer < n_layer // 8 or layer >= 7 * n_layer // 8 or (layer - n_layer // 8) % 3 == 2
+
+
+def _matrix_type(name: str, dtype: str, n_layer: int) -> gguf.GGMLQuantizationType:
+    """The type of matrix `name` in a `dtype` file (Q4_K_M mixes two, as llama-quantize does)."""
+    qtype = DTYPES[dtype][0]
+    if dtype != "q4_k_m":
+        return qtype
+    if name == "output.weight":
+        return gguf.GGMLQuantizationType.Q6_K
+    if name.endswith(("attn_v.weight", "ffn_down.weight")):
+        layer = int(name.split(".")[1])
+        if _more_bits(layer, n_layer):
+            return gguf.GGMLQuantizationType.Q6_K
+    return qtype
+
+
 def _matrix_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return int(np.prod(shape[:-1])) * shape[-1] // block * size
@@ -297,11 +339,25 @@ def _random_matrix(
         bits &= 0x87FF
         bits |= 0x2000
         return bits.view(np.float16)
-    # Q8_0 / Q4_0 blocks: an f16 scale, then 32 int8 (or 32 4-bit, offset 8) quants.
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    q_std = 256 / 12**0.5 if qtype == Q.Q8_0 else 16 / 12**0.5
     n_blocks = int(np.prod(shape)) // block
     blocks = rng.integers(0, 1 << 8, size=(n_blocks, size), dtype=np.uint8)
+    if qtype == Q.Q4_K:
+        # d, dmin (f16), 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit quants:
+        # w = d * scale * q - dmin * min, q in 0..15, scale and min in 0..63 (std of
+        # scale * q about 200, mean about 236: dmin = 7.5 d centres it).
+        d = WEIGHT_STD / 200
+        blocks[:, 0:2] = np.frombuffer(np.float16(d).tobytes(), dtype=np.uint8)
+        blocks[:, 2:4] = np.frombuffer(np.float16(7.5 * d).tobytes(), dtype=np.uint8)
+        return blocks.reshape(*shape[:-1], shape[-1] // block * size)
+    if qtype == Q.Q6_K:
+        # 128 + 64 bytes of 6-bit quants (offset 32), 16 int8 scales, then d (f16):
+        # w = d * scale * (q - 32), std of scale * (q - 32) about 74 * 18.5.
+        blocks[:, 208:210] = np.frombuffer(np.float16(WEIGHT_STD / 1370).tobytes(),
+                                           dtype=np.uint8)
+        return blocks.reshape(*shape[:-1], shape[-1] // block * size)
+    # Q8_0 / Q4_0 blocks: an f16 scale, then 32 int8 (or 32 4-bit, offset 8) quants.
+    q_std = 256 / 12**0.5 if qtype == Q.Q8_0 else 16 / 12**0.5
     blocks[:, :2] = np.frombuffer(np.float16(WEIGHT_STD / q_std).tobytes(), dtype=np.uint8)
     return blocks.reshape(*shape[:-1], shape[-1] // block * size)
 
@@ -321,6 +377,7 @@ def write_gguf(
     tokenizer: str = "llama",
     user_defined_tokens: Sequence[str] = (),
     name: str | None = None,
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a random-weight GGUF model to `path` (streamed tensor by tensor); return it."""
     if arch not in ARCHS + ENCODER_ARCHS:
@@ -340,6 +397,8 @@ def write_gguf(
     merges: list[str] | None = None
     if tokenizer == "llama":
         tokens, scores, types = vocabulary(special_tokens, user_defined_tokens)
+        if vocab_size is not None:
+            _pad_vocabulary(tokens, scores, types, vocab_size)
         bos, eos_token = 1, eos_token or "</s>"
     else:
         tokens, types, merges = bpe_vocabulary(special_tokens, user_defined_tokens,
@@ -383,8 +442,9 @@ def write_gguf(
         if len(np_shape) == 1:  # norms and biases stay f32
             w.add_tensor_info(tensor_name, np_shape, f32, np_shape[0] * f32.itemsize)
         else:
-            w.add_tensor_info(tensor_name, np_shape, f32, _matrix_nbytes(np_shape, qtype),
-                              raw_dtype=qtype)
+            mtype = _matrix_type(tensor_name, dtype, shape.n_layer)
+            w.add_tensor_info(tensor_name, np_shape, f32, _matrix_nbytes(np_shape, mtype),
+                              raw_dtype=mtype)
 
     rng = np.random.default_rng(seed)
     try:
@@ -393,7 +453,8 @@ def write_gguf(
         w.write_ti_data_to_file()
         for tensor_name, np_shape in specs:  # one tensor in memory at a time
             if len(np_shape) > 1:
-                w.write_tensor_data(_random_matrix(rng, np_shape, qtype))
+                w.write_tensor_data(_random_matrix(
+                    rng, np_shape, _matrix_type(tensor_name, dtype, shape.n_layer)))
             elif tensor_name.endswith(".bias"):
                 w.write_tensor_data(np.zeros(np_shape, dtype=np.float32))
             else:
@@ -418,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--user-defined-token", action="append", default=[],
                         dest="user_defined_tokens", help="a USER_DEFINED token (repeatable)")
     parser.add_argument("--eos-token")
+    parser.add_argument("--vocab-size", type=int,
+                        help="pad the llama tokenizer's vocabulary to this many tokens")
     parser.add_argument("--chat-template-file", type=Path)
     parser.add_argument("--rope-freq-base", type=float, default=10000.0)
     args = parser.parse_args(argv)
@@ -429,7 +492,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = write_gguf(args.out, args.arch, shape=shape, special_tokens=args.special_tokens,
                       chat_template=template, eos_token=args.eos_token, seed=args.seed,
                       dtype=args.dtype, rope_freq_base=args.rope_freq_base,
-                      tokenizer=args.tokenizer, user_defined_tokens=args.user_defined_tokens)
+                      tokenizer=args.tokenizer, user_defined_tokens=args.user_defined_tokens,
+                      vocab_size=args.vocab_size)
     print(f"{path}: {args.arch} {shape} {args.dtype}, {path.stat().st_size / 2**30:.2f} GiB")
 
 

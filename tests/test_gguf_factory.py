@@ -190,3 +190,26 @@ def test_byte_level_bpe_vocabularies(tmp_path: Path, tokenizer: str) -> None:
         assert im_end not in llm.tokenize(b"<|im_end|>", add_bos=False, special=False)
         (spaces,) = llm.tokenize(b"  ", add_bos=False)  # user-defined: split even unparsed
         assert llm.tokenize(b"a  b", add_bos=False)[1] == spaces
+
+
+def test_q4_k_m_has_llama_quantizes_mix_and_sane_logits(tmp_path: Path) -> None:
+    """Q4_K everywhere but Q6_K for the output and for attn_v / ffn_down in the layers
+    llama-quantize gives more bits (of 8: 0, 3, 6, 7); the random blocks give finite logits
+    that are neither flat nor dominated by one token."""
+    shape = dataclasses.replace(SHAPES["mistral-7b"], n_layer=8, n_embd=512, n_head=8,
+                                n_head_kv=2, n_ff=1024)
+    path = write_gguf(tmp_path / "m.gguf", "llama", shape=shape, dtype="q4_k_m",
+                      vocab_size=8000)
+    Q = gguf.GGMLQuantizationType
+    types = {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+    assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
+    for kind in ("attn_v", "ffn_down"):
+        six = [i for i in range(8) if types[f"blk.{i}.{kind}.weight"] == Q.Q6_K]
+        assert six == [0, 3, 6, 7], kind
+    assert types["blk.3.attn_q.weight"] == Q.Q4_K
+    with closing(reference_llama(path, n_ctx=64, logits_all=True)) as llm:
+        assert llm.n_vocab() == 8000
+        out = complete(llm, 1, logprobs=5)
+    top = [float(lp) for lp in out["choices"][0]["logprobs"]["top_logprobs"][0].values()]
+    # finite, none near certain, and not flat (8,000 equal tokens: -8.99 each)
+    assert all(-30 < lp < -0.05 for lp in top) and top[0] > -8.9, top

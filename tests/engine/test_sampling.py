@@ -3,6 +3,8 @@ vocabulary first, and backend (in-graph) sampling agrees with the CPU chain."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from server.engine.base import Grammar, SamplingParams
+from server.engine.devices import gpus
 from server.engine.llama.buffer import BatchBuffer
 from server.engine.llama.context import ContextConfig, context_params, create_context
 from server.engine.llama.native import NativeModel, init_backend, repack_enabled
@@ -27,10 +30,25 @@ tag ::= "\"" [a-z]{1,8} "\""
 PROMPT = "<|im_start|>user\nDescribe a person as JSON.<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def model(smollm2_path: Path) -> Iterator[NativeModel]:
+@pytest.fixture(scope="module", params=[
+    "cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not gpus(), reason="needs a CUDA build of llama.cpp and a GPU")])])
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> \
+        Iterator[NativeModel]:
+    """The default model on the CPU; on a GPU, a random-weight Mistral-shaped model (4 of
+    its 32 layers, its 32,000-token vocabulary) with every layer and the sampling offloaded."""
     init_backend()
-    loaded = NativeModel(smollm2_path, n_gpu_layers=0, repack=repack_enabled("auto"))
+    if request.param == "cpu":
+        path = request.getfixturevalue("smollm2_path")
+        loaded = NativeModel(path, n_gpu_layers=0, repack=repack_enabled("auto"))
+    else:
+        # Written by another process: on the GPU machine, loading a file this process wrote
+        # with gguf's writer crashed in llama_model_load_from_file (not reproduced on a CPU).
+        path = tmp_path_factory.mktemp("gpu") / "m.gguf"
+        subprocess.run([sys.executable, "-m", "tests.gguf_factory", "--shape", "mistral-7b",
+                        "--n-layer", "4", "--dtype", "q4_k_m", "--vocab-size", "32000",
+                        str(path)], check=True, cwd=Path(__file__).parents[2])
+        loaded = NativeModel(path, n_gpu_layers=-1, repack=False)
     yield loaded
     loaded.close()
 
