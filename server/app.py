@@ -16,10 +16,18 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import admin, chat, completions, embeddings, health, models, tokenizer
-from server.api.admin import reload_registry
 from server.api.errors import install_error_handlers, unexpected_error_response
-from server.api.schemas import IGNORED_FIELDS
+from server.api.protocol.common import IGNORED_FIELDS
+from server.api.routes import (
+    admin,
+    chat,
+    completions,
+    embeddings,
+    health,
+    models,
+    tokenizer,
+)
+from server.api.routes.admin import reload_registry
 from server.api.security import Access, AccessControl, BodySizeLimit, Keys, warn_if_exposed
 from server.engine.base import Engine
 from server.errors import RegistryError
@@ -64,6 +72,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
     install_error_handlers(app)
     open_routers = [health.router] + ([] if settings.metrics_require_key
                                       else [health.metrics_router])
+
     levels: dict[str, Access] = {**dict.fromkeys(_paths(admin.router, models.admin_router),
                                                  "admin"),
                                  **dict.fromkeys(_paths(*open_routers), "open")}

@@ -1,4 +1,5 @@
-"""Pydantic mirrors of OpenAI's wire objects, fields in the API reference's order.
+"""What the OpenAI dialects' wire objects share: the request base, the generation fields,
+usage and the error shape (pydantic mirrors of OpenAI's, fields in the API reference's order).
 
 Requests accept fields this server does not know (clients send many), as vLLM does: they are
 logged and named in the `X-Ignored-Fields` response header. A known feature this server does
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from contextvars import ContextVar
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 from pydantic import (
     BaseModel,
@@ -23,13 +24,11 @@ from pydantic import (
     model_validator,
 )
 
-from server.api.logprobs import MAX_TOP_LOGPROBS, CompletionLogprobs
 from server.chat.template import Prompt
 from server.durations import parse_duration
 from server.engine.base import (
     GenerationRequest,
     Grammar,
-    ModelState,
     SamplingParams,
     TokenIds,
     Usage,
@@ -274,109 +273,6 @@ class CompletionUsage(BaseModel):
         return cls(completion_tokens=usage.completion_tokens, prompt_tokens=usage.prompt_tokens,
                    total_tokens=usage.total_tokens,
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens))
-
-
-# ---------------------------------------------------------------- text completions --------
-
-
-class CompletionRequest(GenerationBody):
-    # One prompt, or a batch: strings, or token ids (read as they are, without a BOS).
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    best_of: int | None = Field(None, strict=True)
-    echo: bool = Field(False, strict=True)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
-    # OpenAI's default for this endpoint; null: the server's default (GGSERVE_DEFAULT_MAX_TOKENS)
-    max_tokens: int | None = Field(16, ge=0, strict=True)
-    suffix: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompts(cls, value: str | list[Any]) -> str | list[Any]:
-        if isinstance(value, list):
-            if not value or any(isinstance(p, list) and not p for p in value):
-                raise ValueError("the prompt is empty: send text or at least one token id")
-            if len(value) > MAX_PROMPTS and not isinstance(value[0], int):
-                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-        return value
-
-    def prompts(self) -> list[str | TokenIds]:
-        """Each prompt of the batch: text, or token ids."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if all(isinstance(p, int) for p in self.prompt):
-            return [tuple(p for p in self.prompt if isinstance(p, int))]
-        return [p if isinstance(p, str) else tuple(p) for p in self.prompt
-                if not isinstance(p, int)]
-
-    def _max_tokens(self) -> int | None:
-        return self.max_tokens
-
-    def _output_options(self) -> dict[str, Any]:
-        return {"logprobs": self.logprobs, "echo": self.echo,
-                "prompt_logprobs": self.logprobs if self.echo else None}
-
-    def _refused(self) -> list[tuple[str, Any, tuple[Any, ...]]]:
-        return [("best_of", self.best_of, (None, 1)), ("suffix", self.suffix, (None, ""))]
-
-
-class CompletionChoice(BaseModel):
-    text: str
-    index: int
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: CompletionUsage | None = None
-    system_fingerprint: str | None = None
-
-
-# ---------------------------------------------------------------- models ------------------
-
-
-class Model(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "ggserve"
-    # --- extensions: where the model stands in this server ---
-    loaded: bool = False
-    status: ModelState = "available"
-    error: str | None = None  # why the last load failed
-    download: DownloadProgress | None = None
-    quant: str | None = None
-    quants: list[str] = Field(default_factory=list)
-    n_ctx: int | None = None
-    placement: Placement | None = None  # set while loaded
-
-
-class DownloadProgress(BaseModel):
-    downloaded: int
-    total: int | None
-
-
-class Placement(BaseModel):
-    device: str  # "cpu" or the GPU (e.g. "CUDA0")
-    gpu_layers: int
-    n_layers: int
-    memory_ram_bytes: int
-    memory_vram_bytes: int
-
-
-class LoadRequest(RequestBody):
-    """POST /models/load and /models/unload, as llama-server's router mode takes them."""
-
-    model: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Model]
 
 
 # ---------------------------------------------------------------- errors ------------------

@@ -6,8 +6,8 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.api.logprobs import MAX_TOP_LOGPROBS, ChoiceLogprobs
-from server.api.schemas import CompletionUsage, GenerationBody
+from server.api.protocol.common import CompletionUsage, GenerationBody
+from server.api.protocol.openai_logprobs import MAX_TOP_LOGPROBS, ChoiceLogprobs
 from server.errors import InvalidRequest
 from server.settings import Settings
 

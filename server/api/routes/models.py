@@ -9,10 +9,9 @@ from typing import Any
 from fastapi import APIRouter
 
 from server.api.deps import EngineDep, RegistryDep
-from server.api.schemas import (
-    ERROR_RESPONSES,
+from server.api.protocol.common import ERROR_RESPONSES, ErrorResponse
+from server.api.protocol.openai_models import (
     DownloadProgress,
-    ErrorResponse,
     LoadRequest,
     Model,
     ModelList,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.api.chat_schemas import (
+from server.api.protocol.openai_chat import (
     ChatCompletionMessage,
     ChatCompletionMessageToolCall,
     FunctionCall,

@@ -8,7 +8,7 @@ import logging
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel
 
-from server.api.models import ADMIN_RESPONSES
+from server.api.routes.models import ADMIN_RESPONSES
 from server.errors import InvalidRequest, RegistryError
 from server.registry import Registry
 

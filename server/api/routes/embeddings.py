@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator
 
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.api.schemas import ERROR_RESPONSES, RequestBody
+from server.api.protocol.common import ERROR_RESPONSES, RequestBody
 from server.engine.base import Embeddings
 from server.errors import InvalidRequest, RequestTimedOut, ServerError
 

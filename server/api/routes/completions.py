@@ -13,20 +13,15 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from fastapi import APIRouter, Request
 
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.api.generation import (
+from server.api.protocol.common import CompletionUsage, streamed
+from server.api.protocol.openai_completions import Completion, CompletionChoice, CompletionRequest
+from server.api.protocol.openai_logprobs import CompletionLogprobs
+from server.api.serving import (
     Collected,
     Generation,
     collect_all,
     merged_events,
     start_all,
-)
-from server.api.logprobs import CompletionLogprobs
-from server.api.schemas import (
-    Completion,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionUsage,
-    streamed,
 )
 from server.api.sse import EventStream, sse_response
 from server.chat.template import plain_prompt

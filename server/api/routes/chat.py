@@ -8,18 +8,18 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from server.api.chat_output import assemble
-from server.api.chat_schemas import (
+from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
+from server.api.protocol.common import CompletionUsage, streamed
+from server.api.protocol.openai_chat import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChunkChoice,
 )
-from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.api.generation import Generation, collect_all
-from server.api.logprobs import ChoiceLogprobs
-from server.api.schemas import CompletionUsage, streamed
+from server.api.protocol.openai_chat_output import assemble
+from server.api.protocol.openai_logprobs import ChoiceLogprobs
+from server.api.serving import Generation, collect_all
 from server.api.sse import EventStream, sse_response
 from server.chat.families import GENERIC, prompt_family
 from server.chat.families.reasoning import reasoning_for

@@ -1,0 +1,52 @@
+"""The model list (GET /v1/models), with where each model stands in this server as extensions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from server.api.protocol.common import RequestBody
+from server.engine.base import ModelState
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ggserve"
+    # --- extensions: where the model stands in this server ---
+    loaded: bool = False
+    status: ModelState = "available"
+    error: str | None = None  # why the last load failed
+    download: DownloadProgress | None = None
+    quant: str | None = None
+    quants: list[str] = Field(default_factory=list)
+    n_ctx: int | None = None
+    placement: Placement | None = None  # set while loaded
+
+
+class DownloadProgress(BaseModel):
+    downloaded: int
+    total: int | None
+
+
+class Placement(BaseModel):
+    device: str  # "cpu" or the GPU (e.g. "CUDA0")
+    gpu_layers: int
+    n_layers: int
+    memory_ram_bytes: int
+    memory_vram_bytes: int
+
+
+class LoadRequest(RequestBody):
+    """POST /models/load and /models/unload, as llama-server's router mode takes them."""
+
+    model: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
