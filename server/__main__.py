@@ -43,6 +43,8 @@ def _parse(argv: list[str]) -> dict[str, object]:
     parser.add_argument("--backend-sampling", choices=["auto", "on", "off"],
                         help="sample inside the decode graph where a request allows "
                         "(default off; auto: when layers are on a GPU)")
+    parser.add_argument("--no-ui", dest="ui", action="store_false", default=None,
+                        help="do not serve the chat page at /")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["text", "json"],
                         help="text (default) or JSON lines")

@@ -26,6 +26,7 @@ from server.api.routes import (
     health,
     models,
     tokenizer,
+    ui,
 )
 from server.api.routes.admin import reload_registry
 from server.api.security import Access, AccessControl, BodySizeLimit, Keys, warn_if_exposed
@@ -72,7 +73,9 @@ def create_app(settings: Settings, engine: Engine | None = None,
     install_error_handlers(app)
     open_routers = [health.router] + ([] if settings.metrics_require_key
                                       else [health.metrics_router])
-
+    if settings.ui:  # the page itself is open; it asks for a key when the API wants one
+        open_routers.append(ui.router)
+        app.include_router(ui.router)
     levels: dict[str, Access] = {**dict.fromkeys(_paths(admin.router, models.admin_router),
                                                  "admin"),
                                  **dict.fromkeys(_paths(*open_routers), "open")}

@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     admin_key_file: Path | None = None
     metrics_require_key: bool = False
     cors_origins: list[str] = Field(default_factory=list)
+    ui: bool = True  # the chat page at /
     # --- shutdown: on SIGTERM /ready turns 503 for drain_s, then running streams get up to
     # shutdown_timeout_s to finish ---
     drain_s: float = Field(0.0, ge=0)
