@@ -9,10 +9,10 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, StrictInt, model_validator
 
+from server.api.conversation import chat_prompt
 from server.api.deps import EngineDep, RegistryDep, SettingsDep
 from server.api.protocol.common import ERROR_RESPONSES, RequestBody
 from server.api.protocol.openai_chat import ChatMessage
-from server.api.routes.chat import chat_prompt
 from server.chat.template import Prompt, plain_prompt
 from server.chat.tools import plan_tools
 from server.engine.base import ModelInfo
