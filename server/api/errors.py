@@ -1,9 +1,11 @@
-"""Every error, validation included, as OpenAI's envelope {"error": {message, type, param, code}}.
+"""Every error, validation included, as OpenAI's envelope {"error": {message, type, param, code}},
+or as the envelope of the dialect whose path the request took (Anthropic's, Ollama's).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,6 +16,18 @@ from starlette.exceptions import HTTPException
 from server.errors import ContextLengthExceeded, ServerError
 
 log = logging.getLogger("server.api")
+# (status, OpenAI's envelope) -> the envelope a dialect's clients read, by path prefix; the
+# first prefix that matches wins, OpenAI's shape otherwise.
+ErrorShape = Callable[[int, dict[str, Any]], dict[str, Any]]
+DIALECT_ERRORS: dict[str, ErrorShape] = {}
+
+
+def shaped(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` (OpenAI's envelope) in the error shape of the dialect that serves `path`."""
+    for prefix, shape in DIALECT_ERRORS.items():
+        if path.startswith(prefix):
+            return shape(status, body)
+    return body
 
 
 def error_body(exc: ServerError) -> dict[str, Any]:
@@ -48,24 +62,30 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    def respond(request: Request, status: int, body: dict[str, Any],
+                headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(shaped(request.url.path, status, body), status_code=status,
+                            headers=headers)
+
     @app.exception_handler(ServerError)
-    async def _server_error(_: Request, exc: ServerError) -> JSONResponse:
+    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
         retry = getattr(exc, "retry_after", None)
         headers = {"Retry-After": str(retry)} if retry is not None else None
-        return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
+        return respond(request, exc.status_code, error_body(exc), headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
-                                       "param": param, "code": None}}, status_code=400)
+        return respond(request, 400, {"error": {"message": message,
+                                                "type": "invalid_request_error",
+                                                "param": param, "code": None}})
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "param": None,
-                                       "code": None}}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return respond(request, exc.status_code,
+                       {"error": {"message": str(exc.detail), "type": kind, "param": None,
+                                  "code": None}}, getattr(exc, "headers", None))
 
     # The app's ObserveRequests answers most unexpected errors itself (with the request id);
     # this catches those raised outside it.

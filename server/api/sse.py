@@ -29,9 +29,22 @@ PING_S = 15.0  # a comment line this often keeps proxies from closing an idle st
 DONE = b"data: [DONE]\n\n"
 # How a stream still running when the server stops ends: uvicorn cancels it once
 # GGSERVE_SHUTDOWN_TIMEOUT_S has passed, and the client should see why, not a cut connection.
-SHUT_DOWN = b"data: " + json.dumps(error_body(ServerShuttingDown(
-    "The server shut down before this stream finished; retry on another replica."))).encode() \
-    + b"\n\n" + DONE
+SHUTTING_DOWN = ServerShuttingDown(
+    "The server shut down before this stream finished; retry on another replica.")
+ErrorFrame = Callable[[ServerError | None], bytes]  # an in-band error (None: an internal one)
+
+
+def _openai_error(exc: ServerError | None) -> bytes:
+    body = internal_error_body() if exc is None else error_body(exc)
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def sse_event(name: str, payload: BaseModel | dict[str, Any]) -> bytes:
+    """One named SSE event (`event:` and `data:` lines), as the Responses and Anthropic
+    streams send them."""
+    data = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) \
+        else json.dumps(payload)
+    return b"event: " + name.encode() + b"\ndata: " + data.encode() + b"\n\n"
 
 
 def sse_response(chunks: AsyncIterator[BaseModel], *, on_close: Callable[[], None],
@@ -43,28 +56,50 @@ def sse_response(chunks: AsyncIterator[BaseModel], *, on_close: Callable[[], Non
     """
 
     async def events() -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield b"data: " + chunk.model_dump_json(exclude=exclude).encode() + b"\n\n"
+
+    return stream_response(events(), on_close=on_close, error=_openai_error, done=DONE)
+
+
+def stream_response(events: AsyncIterator[bytes], *, on_close: Callable[[], None],
+                    error: ErrorFrame, done: bytes = b"",
+                    media_type: str = "text/event-stream",
+                    ping: bytes | None = b": ping\n\n") -> EventStream:
+    """Any dialect's stream of ready-framed `events`: a failure after the first byte becomes
+    the dialect's in-band `error` frame, `done` always ends it (OpenAI's `[DONE]`; nothing for
+    the Responses, Anthropic and Ollama streams), and `on_close` runs however it ends. `ping`
+    keeps an idle connection open (None for NDJSON, which has no comment lines)."""
+
+    async def framed() -> AsyncIterator[bytes]:
         try:
-            async for chunk in chunks:
-                yield b"data: " + chunk.model_dump_json(exclude=exclude).encode() + b"\n\n"
+            async for event in events:
+                yield event
         except ServerError as exc:
-            yield b"data: " + json.dumps(error_body(exc)).encode() + b"\n\n"
+            yield error(exc)
         except Exception:
             log.exception("stream failed")
-            yield b"data: " + json.dumps(internal_error_body()).encode() + b"\n\n"
+            yield error(None)
         finally:
             on_close()
-        yield DONE
+        if done:
+            yield done
 
-    return EventStream(events())
+    return EventStream(framed(), media_type=media_type, ping=ping,
+                       cut_short=error(SHUTTING_DOWN) + done)
 
 
 class EventStream(Response):
-    """A text/event-stream response of ready-made events."""
+    """A streamed response of ready-made events (SSE, or NDJSON lines)."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes]) -> None:
+    def __init__(self, events: AsyncIterator[bytes], *, media_type: str = "text/event-stream",
+                 ping: bytes | None = b": ping\n\n", cut_short: bytes = b"") -> None:
         self._events = events
+        self.media_type = media_type
+        self._ping_frame = ping
+        self._cut_short = cut_short  # what ends a stream the server's shutdown cut short
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -106,7 +141,7 @@ class EventStream(Response):
         if task is not None:
             task.uncancel()
         if not self._ended:
-            body = b"" if self._events_done else SHUT_DOWN
+            body = b"" if self._events_done else self._cut_short
             self._ended = True
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -126,10 +161,12 @@ class EventStream(Response):
             self._last_send = time.monotonic()
 
     async def _ping(self, send: Send) -> None:
+        if self._ping_frame is None:
+            return
         while True:
             await asyncio.sleep(max(0.0, self._last_send + PING_S - time.monotonic()))
             if not self._sending and time.monotonic() - self._last_send >= PING_S:
-                await self._send(send, b": ping\n\n")
+                await self._send(send, self._ping_frame)
 
     @staticmethod
     async def _disconnect(receive: Receive) -> None:
