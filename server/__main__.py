@@ -27,9 +27,11 @@ log = logging.getLogger("server")
 
 def _parse(argv: list[str]) -> dict[str, object]:
     parser = argparse.ArgumentParser(
-        prog="python -m server",
-        description="Serve GGUF models over an OpenAI-compatible API. Every flag can also be "
-                    "set as an environment variable GGSERVE_<NAME> (e.g. GGSERVE_PORT).")
+        prog="ggserve",
+        description="Serve GGUF models over an OpenAI-compatible API (also `python -m "
+                    "server`). Every flag can also be set as an environment variable "
+                    "GGSERVE_<NAME> (e.g. GGSERVE_PORT). `ggserve pull ID[:QUANT]...` downloads "
+                    "registry models ahead of serving (see `ggserve pull --help`).")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--models-file", type=Path, help="the registry (default models.yaml)")
@@ -90,7 +92,7 @@ def serve(argv: list[str]) -> None:
 
 def pull(argv: list[str]) -> int:
     """`python -m server pull ID[:QUANT]...`: download registry models ahead of serving."""
-    parser = argparse.ArgumentParser(prog="python -m server pull",
+    parser = argparse.ArgumentParser(prog="ggserve pull",
                                      description="Download registry models from the Hub "
                                                  "(resuming a partial download).")
     parser.add_argument("models", nargs="+", help="registry ids, optionally id:QUANT")

@@ -87,9 +87,12 @@ def create_app(settings: Settings, engine: Engine | None = None,
     # to read it); every path not listed, /docs and /openapi.json included, needs a user key.
     app.add_middleware(AccessControl, keys=keys, levels=levels, origins=settings.cors_origins)
     if settings.cors_origins:
+        # Any request header: browser SDKs send their own (openai's and anthropic's
+        # x-stainless-*, anthropic-version, x-api-key, ...), and which origins may call is
+        # what protects the server, not which headers they carry.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_headers=["*"],
                            expose_headers=["X-Request-Id", "X-Ignored-Fields"])
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     # Outermost, so that every response (a 413, a CORS preflight, a 500) carries the id.

@@ -56,6 +56,18 @@ def download(repo: str, file: str, target: Path, progress: Progress | None = Non
     return target
 
 
+def remote_size(repo: str, file: str, endpoint: str | None = None,
+                timeout: float = 5.0) -> int | None:
+    """The size in bytes of `repo`/`file` on the hub, or None when the hub cannot say."""
+    try:
+        meta = hf.get_hf_file_metadata(hf.hf_hub_url(repo, file, endpoint=endpoint),
+                                       timeout=timeout)
+    except Exception as exc:  # offline, unknown file, private repo: the size stays unknown
+        log.debug("no size for %s/%s: %s", repo, file, exc)
+        return None
+    return meta.size
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

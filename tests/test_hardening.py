@@ -88,6 +88,46 @@ async def test_cors_is_closed_by_default_and_opens_when_configured(tmp_path: Pat
         assert opened.headers["access-control-allow-origin"] == "https://app.example"
 
 
+# The preflights Chromium sends for the JS SDKs' requests (openai 6.49 chat.completions.create,
+# @anthropic-ai/sdk 1.14 messages.create with dangerouslyAllowBrowser), header names as sent.
+SDK_PREFLIGHTS = {
+    "openai": (CHAT, "authorization,content-type,x-stainless-arch,x-stainless-lang,"
+                     "x-stainless-os,x-stainless-package-version,x-stainless-retry-count,"
+                     "x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout"),
+    "anthropic": ("/v1/messages", "anthropic-dangerous-direct-browser-access,anthropic-version,"
+                                  "content-type,x-api-key,x-stainless-arch,x-stainless-lang,"
+                                  "x-stainless-os,x-stainless-package-version,"
+                                  "x-stainless-retry-count,x-stainless-runtime,"
+                                  "x-stainless-runtime-version,x-stainless-timeout"),
+}
+
+
+@pytest.mark.parametrize("sdk", sorted(SDK_PREFLIGHTS))
+async def test_cors_accepts_the_preflights_of_the_browser_sdks(tmp_path: Path, sdk: str) -> None:
+    path, asked = SDK_PREFLIGHTS[sdk]
+    app = make_app(tmp_path, cors_origins=["https://app.example"], api_keys=["k"])
+    async with await client_for(app) as http:
+        response = await http.options(path, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked})
+        assert response.status_code == 200, response.text
+        allowed = {h.strip().lower() for h in
+                   response.headers["access-control-allow-headers"].split(",")}
+        assert set(asked.split(",")) <= allowed
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        other = await http.options(path, headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+async def test_anthropic_clients_may_send_the_key_as_x_api_key(tmp_path: Path) -> None:
+    async with await client_for(make_app(tmp_path, api_keys=["k"])) as http:
+        assert (await http.post(CHAT, json=BODY, headers={"x-api-key": "k"})).status_code == 200
+        wrong = await http.post(CHAT, json=BODY, headers={"x-api-key": "nope"})
+        assert wrong.status_code == 401
+
+
 async def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
     async with await client_for(make_app(tmp_path, max_body_bytes=2048)) as http:
         big = {**BODY, "messages": [{"role": "user", "content": "x" * 5000}]}

@@ -126,6 +126,32 @@ def test_the_server_pulls_on_first_use_and_reports_progress(
         live.stop()
 
 
+def test_models_say_what_is_on_disk_what_needs_a_download_and_its_size(
+        standin: HubStandIn, tmp_path: Path, model_bytes: bytes) -> None:
+    local = write_gguf(tmp_path / "local.gguf", "llama", seed=5)
+    models_file = registry(tmp_path)
+    models_file.write_text(models_file.read_text()
+                           + f"  spare:\n    path: {local}\n    embedding: true\n")
+    live = LiveServer(["--models-file", str(models_file)],
+                      env={"HF_ENDPOINT": standin.url, "GGSERVE_MODELS_DIR": str(tmp_path / "m")})
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the hub is asked for the size in the background, once
+            listed = {m["id"]: m for m in httpx.get(f"{live.url}/v1/models").json()["data"]}
+            if listed["tiny"]["size_bytes"] is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        size = local.stat().st_size
+        assert {k: (m["status"], m["kind"], m["size_bytes"]) for k, m in listed.items()} == {
+            "local": ("loaded", "chat", size), "spare": ("on_disk", "embedding", size),
+            "tiny": ("not_downloaded", "chat", len(model_bytes))}
+        assert listed["tiny"]["error"] is None
+        heads = [r for m, r, _ in standin.requests if m == "HEAD"]
+        assert len(heads) == 1, standin.requests  # asked once, not at every listing
+    finally:
+        live.stop()
+
+
 def test_pull_downloads_ahead_of_serving(standin: HubStandIn, tmp_path: Path,
                                          model_bytes: bytes) -> None:
     (tmp_path / "local.gguf").write_bytes(model_bytes)
@@ -145,3 +171,12 @@ def test_pull_downloads_ahead_of_serving(standin: HubStandIn, tmp_path: Path,
     assert again.returncode == 0 and "already at" in again.stderr
     unknown = pull("nope")
     assert unknown.returncode == 1 and "nope" in unknown.stderr
+
+
+def test_help_names_the_command_and_its_pull_subcommand() -> None:
+    shown = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout
+    assert shown.startswith("usage: ggserve ") and "ggserve pull ID[:QUANT]" in shown
+    pull = subprocess.run([sys.executable, "-m", "server", "pull", "--help"], cwd=ROOT,
+                          check=True, capture_output=True, text=True).stdout
+    assert pull.startswith("usage: ggserve pull ")

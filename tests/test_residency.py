@@ -63,11 +63,11 @@ def two_at_most(tmp_path: Path, ggufs: dict[str, Path]) -> Iterator[LiveServer]:
 def test_models_load_on_first_use_and_the_least_recently_used_idle_one_makes_room(
         two_at_most: LiveServer) -> None:
     live = two_at_most
-    assert states(live) == {"a": "loaded", "b": "available", "c": "available"}
+    assert states(live) == {"a": "loaded", "b": "on_disk", "c": "on_disk"}
     assert complete(live, "b").status_code == 200
     assert complete(live, "a").status_code == 200  # a is now the most recently used
     assert complete(live, "c").status_code == 200
-    assert states(live) == {"a": "loaded", "b": "available", "c": "loaded"}
+    assert states(live) == {"a": "loaded", "b": "on_disk", "c": "loaded"}
     model = httpx.get(f"{live.url}/v1/models/c").json()
     assert model["placement"]["device"] == "cpu" and model["placement"]["n_layers"] == 2
     assert model["placement"]["memory_ram_bytes"] > 0 and model["n_ctx"] == 256
@@ -110,13 +110,13 @@ def test_keep_alive_per_request_unloads_after_it_or_later(two_at_most: LiveServe
     live = two_at_most
     assert complete(live, "b", keep_alive=0).status_code == 200
     deadline = time.monotonic() + 10
-    while states(live)["b"] != "available" and time.monotonic() < deadline:
+    while states(live)["b"] != "on_disk" and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert states(live)["b"] == "available"
+    assert states(live)["b"] == "on_disk"
     assert complete(live, "b", keep_alive="1s").status_code == 200
     assert states(live)["b"] == "loaded"
     time.sleep(2.0)
-    assert states(live)["b"] == "available"
+    assert states(live)["b"] == "on_disk"
     assert complete(live, "a", keep_alive="soon").status_code == 400
 
 
@@ -125,7 +125,7 @@ def test_admin_loads_and_unloads_and_names_unknown_models(two_at_most: LiveServe
     loaded = httpx.post(f"{live.url}/models/load", json={"model": "b"}, timeout=60)
     assert loaded.status_code == 200 and loaded.json()["status"] == "loaded"
     unloaded = httpx.post(f"{live.url}/models/unload", json={"model": "b"})
-    assert unloaded.status_code == 200 and unloaded.json()["status"] == "available"
+    assert unloaded.status_code == 200 and unloaded.json()["status"] == "on_disk"
     missing = httpx.post(f"{live.url}/models/load", json={"model": "nope"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
@@ -189,7 +189,7 @@ def test_the_registry_reloads_and_an_invalid_file_keeps_the_old_one(
         write_registry(path, ggufs, ["a", "b", "c"], extra="    stop: ['x']\n")
         reloaded = httpx.post(f"{live.url}/admin/reload")
         assert reloaded.status_code == 200 and reloaded.json()["models"] == ["a", "b", "c"]
-        assert states(live)["a"] == "available"  # its entry changed: unloaded, reloads on use
+        assert states(live)["a"] == "on_disk"  # its entry changed: unloaded, reloads on use
         assert complete(live, "c").status_code == 200
         path.write_text("models:\n  a:\n    path: x.gguf\n    colour: blue\n")
         refused = httpx.post(f"{live.url}/admin/reload")
@@ -214,8 +214,8 @@ def test_the_memory_budget_makes_the_least_recently_used_model_unload(
                       env={"GGSERVE_MEMORY_BUDGET": str(int(one_model * 2.5))})
     try:
         assert complete(live, "b").status_code == 200  # a and b fit
-        assert states(live) == {"a": "loaded", "b": "loaded", "c": "available"}
+        assert states(live) == {"a": "loaded", "b": "loaded", "c": "on_disk"}
         assert complete(live, "c").status_code == 200  # a is the least recently used
-        assert states(live) == {"a": "available", "b": "loaded", "c": "loaded"}
+        assert states(live) == {"a": "on_disk", "b": "loaded", "c": "loaded"}
     finally:
         live.stop()

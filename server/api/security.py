@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import error_body
+from server.api.errors import error_body, shaped
 from server.engine.base import MAY_DOWNLOAD
 from server.errors import (
     AdminKeyRequired,
@@ -61,6 +61,15 @@ class Keys:
             "GGSERVE_ADMIN_KEYS or GGSERVE_ADMIN_KEY_FILE).")
 
 
+def _authorization(headers: Headers) -> str:
+    """The Authorization header, or Anthropic's x-api-key as a bearer token (its SDK and
+    Claude Code send the key there)."""
+    given = headers.get("authorization")
+    if given is None and (key := headers.get("x-api-key")):
+        return f"Bearer {key}"
+    return given or ""
+
+
 def _matches(given: str, keys: frozenset[str]) -> bool:
     matched = False
     for key in keys:  # every key, each in constant time: the timing says nothing of which
@@ -91,13 +100,14 @@ class AccessControl:
         headers = Headers(scope=scope)
         needed = self.levels.get(scope["path"], "user")
         try:
-            is_admin = self.keys.check(headers.get("authorization", ""), needed)
+            is_admin = self.keys.check(_authorization(headers), needed)
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 _check_json(headers)
             if needed == "admin":
                 self._check_origin(headers)
         except ServerError as exc:
-            await JSONResponse(error_body(exc), status_code=exc.status_code)(scope, receive, send)
+            body = shaped(scope["path"], exc.status_code, error_body(exc))
+            await JSONResponse(body, status_code=exc.status_code)(scope, receive, send)
             return
         token = MAY_DOWNLOAD.set(is_admin)
         try:

@@ -148,7 +148,9 @@ class ModelInfo:
     special_tokens: tuple[str, ...] = ()
 
 
-ModelState = Literal["available", "downloading", "loading", "loaded", "failed"]
+# on_disk: not loaded, its file is here; not_downloaded: not loaded, a download (or a missing
+# file) stands between it and serving
+ModelState = Literal["on_disk", "not_downloaded", "downloading", "loading", "loaded", "failed"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ class ModelStatus:
     n_layer: int = 0
     memory_ram: int = 0  # bytes this model takes, when loaded
     memory_vram: int = 0
+    size: int | None = None  # bytes of its GGUF on disk, or of the download (None: unknown)
 
 
 @dataclass(frozen=True)

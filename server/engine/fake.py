@@ -75,7 +75,7 @@ class FakeEngine:
     def status(self, model: str) -> ModelStatus:
         if model not in self.models:
             raise ModelNotFound(model, list(self.models))
-        return ModelStatus("loaded", n_ctx=self.n_ctx)
+        return ModelStatus("loaded", n_ctx=self.n_ctx, size=0)
 
     async def load(self, model: str) -> ModelStatus:
         return self.status(model)

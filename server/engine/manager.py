@@ -78,6 +78,9 @@ class LlamaEngine:
         self._resident: dict[str, Resident] = {}
         self._pending: dict[str, _Pending] = {}
         self._errors: dict[str, str] = {}
+        # download sizes asked of the hub, by repo/file (None: not known, or being asked)
+        self._remote_sizes: dict[str, int | None] = {}
+        self._asking: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._budget_lock = asyncio.Lock()  # one load at a time claims memory
         self._gpus: list[Gpu] = []
@@ -181,13 +184,42 @@ class LlamaEngine:
             return ModelStatus("failed" if failure else "loaded", error=failure,
                                n_ctx=resident.info.n_ctx, device=resident.device,
                                gpu_layers=p.gpu_layers, n_layer=p.n_layer, memory_ram=p.ram,
-                               memory_vram=p.vram)
+                               memory_vram=p.vram, size=self._at_rest(spec).size)
         if (pending := self._pending.get(spec.id)) is not None:
             return ModelStatus(pending.state, downloaded=pending.downloaded,  # type: ignore[arg-type]
                                download_size=pending.size, n_ctx=spec.n_ctx)
         if spec.id in self._errors:
-            return ModelStatus("failed", error=self._errors[spec.id], n_ctx=spec.n_ctx)
-        return ModelStatus("available", n_ctx=spec.n_ctx)
+            return ModelStatus("failed", error=self._errors[spec.id], n_ctx=spec.n_ctx,
+                               size=self._at_rest(spec).size)
+        return self._at_rest(spec)
+
+    def _at_rest(self, spec: ModelSpec) -> ModelStatus:
+        """A model that is not loaded: its file on disk and its size, or a download (its size
+        once the hub has said) or a missing file (why, as `error`)."""
+        try:
+            path = self.registry.local_file(spec)
+        except ModelLoadFailed as exc:
+            return ModelStatus("not_downloaded", error=str(exc), n_ctx=spec.n_ctx)
+        if path.is_file():
+            return ModelStatus("on_disk", n_ctx=spec.n_ctx, size=path.stat().st_size)
+        return ModelStatus("not_downloaded", n_ctx=spec.n_ctx, size=self._download_size(spec))
+
+    def _download_size(self, spec: ModelSpec) -> int | None:
+        """The size of `spec`'s download, asked of the hub once in the background."""
+        if spec.repo is None:
+            return None
+        key = f"{spec.repo}/{spec.file_name}"
+        if key not in self._remote_sizes:
+            self._remote_sizes[key] = None
+            with contextlib.suppress(RuntimeError):  # no running loop: stays unknown
+                task = asyncio.get_running_loop().create_task(self._ask_size(spec, key))
+                self._asking.add(task)
+                task.add_done_callback(self._asking.discard)
+        return self._remote_sizes[key]
+
+    async def _ask_size(self, spec: ModelSpec, key: str) -> None:
+        self._remote_sizes[key] = await asyncio.to_thread(
+            hub.remote_size, str(spec.repo), spec.file_name)
 
     async def load(self, model: str) -> ModelStatus:
         async with self._using(model):

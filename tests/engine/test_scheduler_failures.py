@@ -90,7 +90,7 @@ async def test_a_crashed_scheduler_fails_its_model_which_can_be_reloaded(
         listed = (await client.get("/v1/models")).json()["data"]
         assert [m["status"] for m in listed if m["id"] == MODEL] == ["failed"]
         assert (await client.post("/models/unload", json={"model": MODEL})).is_success
-    assert engine.status(MODEL).state == "available"
+    assert engine.status(MODEL).state == "on_disk"
     again, _ = await run(engine, request("The sky is"))  # a fresh scheduler
     assert again == expected
 

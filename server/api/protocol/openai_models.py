@@ -17,8 +17,12 @@ class Model(BaseModel):
     owned_by: str = "ggserve"
     # --- extensions: where the model stands in this server ---
     loaded: bool = False
-    status: ModelState = "available"
-    error: str | None = None  # why the last load failed
+    # loaded, loading, on_disk (ready to load), not_downloaded (a download of size_bytes, or a
+    # missing file: see error), downloading (see download), failed (see error)
+    status: ModelState = "on_disk"
+    kind: Literal["chat", "embedding"] = "chat"  # which endpoints it serves
+    size_bytes: int | None = None  # its GGUF, on disk or to download (None: not known)
+    error: str | None = None  # why the last load failed, or why its file is missing
     download: DownloadProgress | None = None
     quant: str | None = None
     quants: list[str] = Field(default_factory=list)

@@ -63,7 +63,9 @@ def _describe(spec: ModelSpec, engine: Engine) -> Model:
     status = engine.status(spec.id)
     loaded = status.state == "loaded"
     return Model(
-        id=spec.id, created=_STARTED, loaded=loaded, status=status.state, error=status.error,
+        id=spec.id, created=_STARTED, loaded=loaded, status=status.state,
+        kind="embedding" if spec.embedding else "chat", size_bytes=status.size,
+        error=status.error,
         download=DownloadProgress(downloaded=status.downloaded, total=status.download_size)
         if status.downloaded is not None else None,
         quant=spec.quant, quants=list(spec.quants), n_ctx=status.n_ctx or spec.n_ctx,
