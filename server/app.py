@@ -20,11 +20,16 @@ from server.api.errors import install_error_handlers, unexpected_error_response
 from server.api.protocol.common import IGNORED_FIELDS
 from server.api.routes import (
     admin,
+    anthropic,
     chat,
     completions,
     embeddings,
     health,
     models,
+    ollama,
+    ollama_embed,
+    ollama_models,
+    responses,
     tokenizer,
     ui,
 )
@@ -76,10 +81,15 @@ def create_app(settings: Settings, engine: Engine | None = None,
     if settings.ui:  # the page itself is open; it asks for a key when the API wants one
         open_routers.append(ui.router)
         app.include_router(ui.router)
-    levels: dict[str, Access] = {**dict.fromkeys(_paths(admin.router, models.admin_router),
+    levels: dict[str, Access] = {**dict.fromkeys(_paths(admin.router, models.admin_router,
+                                                        ollama_models.admin_router),
                                                  "admin"),
                                  **dict.fromkeys(_paths(*open_routers), "open")}
     for router in (chat.router, completions.router, embeddings.router, tokenizer.router,
+                   responses.router,
+                   anthropic.router,
+                   ollama.router, ollama_embed.router, ollama_models.router,
+                   ollama_models.admin_router,
                    models.router, models.admin_router, admin.router, health.router,
                    health.metrics_router):
         app.include_router(router)

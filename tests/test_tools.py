@@ -59,8 +59,8 @@ def function(**fields: Any) -> dict[str, Any]:
     ([function(description=["x"])], None, None, "tools[0].function.description"),
     ([function(parameters={"type": "array"})], None, None, "tools[0].function.parameters"),
     ([function(parameters="{}")], None, None, "tools[0].function.parameters"),
-    ([CLOCK, function(parameters={"properties": {"n": {"type": "integer", "minimum": 1}}})],
-     None, None, "tools[1].function.parameters"),
+    ([CLOCK, function(parameters={"properties": {"n": {"type": "integer", "minimum": 1}}},
+                      strict=True)], None, None, "tools[1].function.parameters"),
     (TOOLS, "sometimes", None, "tool_choice"),
     (TOOLS, {"type": "function", "function": {"name": "get_wether"}}, None, "tool_choice"),
     (TOOLS, {"type": "function"}, None, "tool_choice"),
@@ -74,6 +74,19 @@ def test_invalid_tools_name_their_param(tools: Any, tool_choice: Any, parallel: 
         plan_tools(tools, tool_choice, parallel)
     assert caught.value.param == param
     assert caught.value.message.endswith(".")
+
+
+def test_a_non_strict_tool_keeps_what_no_grammar_enforces_out_of_its_grammar() -> None:
+    """Claude Code's WebFetch has "format": "uri"; MCP tools carry "minimum" and the like:
+    a non-strict tool is offered with its whole schema, and its grammar leaves those out."""
+    parameters = {"type": "object", "required": ["url", "n"], "properties": {
+        "url": {"type": "string", "format": "uri"},
+        "n": {"type": "integer", "minimum": 1, "maximum": 9}}}
+    plan = plan_tools([function(parameters=parameters)], "required", None)
+    assert plan is not None and plan.functions[0].spec()["function"]["parameters"] == parameters
+    assert '"url"' in plan.gbnf.replace("\\", "") and "uri" not in plan.gbnf
+    with pytest.raises(InvalidRequest, match="uri"):
+        plan_tools([function(parameters=parameters, strict=True)], "required", None)
 
 
 def test_no_plan_without_tools_or_with_none() -> None:

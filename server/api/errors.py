@@ -13,13 +13,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from server.api.protocol import anthropic, ollama
 from server.errors import ContextLengthExceeded, ServerError
 
 log = logging.getLogger("server.api")
 # (status, OpenAI's envelope) -> the envelope a dialect's clients read, by path prefix; the
 # first prefix that matches wins, OpenAI's shape otherwise.
 ErrorShape = Callable[[int, dict[str, Any]], dict[str, Any]]
-DIALECT_ERRORS: dict[str, ErrorShape] = {}
+DIALECT_ERRORS: dict[str, ErrorShape] = {
+    "/v1/messages": anthropic.error_shape,
+    "/api/": ollama.error_shape,
+}
 
 
 def shaped(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:

@@ -171,13 +171,15 @@ class Generation:
 
     async def collect(self, n: int) -> Collected:
         """Run to the end and gather each choice's text, log-probabilities and finish."""
-        result = Collected([[] for _ in range(n)], ["stop"] * n, [[] for _ in range(n)])
+        result = Collected([[] for _ in range(n)], ["stop"] * n, [[] for _ in range(n)],
+                           [None] * n)
         async for event in self.events():
             if isinstance(event, TextDelta):
                 result.parts[event.index].append(event.text)
                 result.logprobs[event.index] += event.logprobs
             elif isinstance(event, ChoiceFinished):
                 result.finish[event.index] = event.reason
+                result.stops[event.index] = event.stop
             elif isinstance(event, Usage):
                 result.usage = event
             elif isinstance(event, PromptTokens):
@@ -190,6 +192,7 @@ class Collected:
     parts: list[list[str]]
     finish: list[FinishReason]
     logprobs: list[list[TokenLogprob]]
+    stops: list[str | None]  # the stop string that ended each choice, if one did
     usage: Usage = field(default_factory=lambda: Usage(0, 0))
     prompt: tuple[TokenLogprob, ...] = ()  # the prompt's tokens, when echoed
 

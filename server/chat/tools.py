@@ -16,6 +16,7 @@ from typing import Any, Literal
 from server.chat.families import GENERIC, Family, prompt_family
 from server.chat.families.hermes import as_text, describe, parsed_arguments, text_of
 from server.errors import InvalidRequest
+from server.grammar.rewrite import enforceable
 
 __all__ = ["Function", "ToolPlan", "plan_tools", "prepare_messages"]
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -30,6 +31,14 @@ class Function:
     name: str
     description: str
     parameters: dict[str, Any]
+    strict: bool = False  # the arguments must meet every assertion of `parameters`
+
+    def enforced(self) -> dict[str, Any]:
+        """The schema the grammar enforces: all of it for a strict function; else without
+        the assertions no grammar can enforce (formats like "uri", "minimum"), which a client
+        sending them (Claude Code's WebFetch, MCP servers' tools) does not expect enforced of a
+        non-strict tool, as OpenAI and Anthropic do not."""
+        return self.parameters if self.strict else enforceable(self.parameters)
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI tool object, as chat templates that render `tools` expect it."""
@@ -72,7 +81,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any,
     functions = tuple(_function(tool, i) for i, tool in enumerate(tools))
     _check_unique(functions)
     parallel = parallel_tool_calls is not False
-    pairs = [(f.name, f.parameters) for f in functions]
+    pairs = [(f.name, f.enforced()) for f in functions]
     family = prompt_family(template)
     gbnf = family.grammar(pairs, parallel)  # checks every schema, with its param
     if choice == "none":
@@ -126,12 +135,13 @@ def _function(tool: Any, i: int) -> Function:
         raise InvalidRequest(f"{where}.function.description must be a string.",
                              param=f"{where}.function.description")
     parameters = function.get("parameters")
+    strict = function.get("strict") is True
     if parameters is None:
-        return Function(name, description, NO_PARAMETERS)
+        return Function(name, description, NO_PARAMETERS, strict)
     if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
         raise InvalidRequest(f'{where}.function.parameters must be a JSON Schema with "type": '
                              '"object".', param=f"{where}.function.parameters")
-    return Function(name, description, {"type": "object", **parameters})
+    return Function(name, description, {"type": "object", **parameters}, strict)
 
 
 def _check_unique(functions: tuple[Function, ...]) -> None:

@@ -116,6 +116,7 @@ class PromptTokens:
 class ChoiceFinished:
     index: int
     reason: FinishReason
+    stop: str | None = None  # the stop string that ended the choice, if one did
 
 
 @dataclass(frozen=True)

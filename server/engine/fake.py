@@ -184,7 +184,7 @@ class _FakeStream:
                         break
                 if tail := text.flush():
                     yield TextDelta(index, tail)
-                yield ChoiceFinished(index, reason)
+                yield ChoiceFinished(index, reason, text.matched)
             completed = True
             prompt = request.prompt
             yield Usage(len(prompt) if is_token_ids(prompt) else len(prompt_text(prompt).split()),

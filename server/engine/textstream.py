@@ -18,6 +18,7 @@ class StopTextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the stream
 
     def feed(self, piece: bytes) -> str:
         """Add a token's bytes; return the text now safe to emit (maybe empty)."""
@@ -28,7 +29,8 @@ class StopTextStream:
         self._pending += self._decoder.decode(piece)
         hit = self._earliest_stop()
         if hit is not None:
-            out, self._pending, self.stopped = self._pending[:hit], "", True
+            at, self.matched = hit
+            out, self._pending, self.stopped = self._pending[:at], "", True
             return out
         keep = self._held_back_length()
         cut = len(self._pending) - keep
@@ -44,9 +46,9 @@ class StopTextStream:
         self._decoder.reset()
         return "" if self.stopped else out
 
-    def _earliest_stop(self) -> int | None:
-        found = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
-        return min(found) if found else None
+    def _earliest_stop(self) -> tuple[int, str] | None:
+        found = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
+        return min(found, key=lambda hit: hit[0]) if found else None
 
     def _held_back_length(self) -> int:
         """Length of the longest tail of the pending text that begins some stop string."""

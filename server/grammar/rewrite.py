@@ -40,6 +40,26 @@ UNSUPPORTED = frozenset({
 FORMATS = frozenset({"date", "time", "date-time", "uuid", *(f"uuid{n}" for n in range(1, 6))})
 
 
+def enforceable(schema: Any) -> Any:
+    """`schema` less the assertions a grammar cannot enforce (UNSUPPORTED keywords, formats
+    other than FORMATS): what a non-strict tool's arguments are held to."""
+    if not isinstance(schema, dict):
+        return schema
+    kept: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in UNSUPPORTED or (key == "format" and str(value) not in FORMATS):
+            continue
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            value = {name: enforceable(sub) for name, sub in value.items()}
+        elif isinstance(value, list) and key in ("items", "prefixItems", "anyOf", "oneOf",
+                                                 "allOf"):
+            value = [enforceable(sub) for sub in value]
+        elif key in ("items", "additionalProperties"):
+            value = enforceable(value)
+        kept[key] = value
+    return kept
+
+
 def _escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 

@@ -105,3 +105,11 @@ async def test_tokenizer_endpoints_are_behind_the_api_key(tmp_path: Path) -> Non
             assert (await http.request(method, path, json=body)).status_code == 401, path
             ok = await http.request(method, path, json=body, headers=key)
             assert ok.status_code == 200, path
+
+
+@pytest.mark.parametrize("field", ["return_token_strs", "add_special_tokens",
+                                   "add_generation_prompt"])
+async def test_tokenize_booleans_are_strict(http: httpx.AsyncClient, field: str) -> None:
+    response = await http.post("/tokenize", json={"prompt": "hi", field: 0})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field

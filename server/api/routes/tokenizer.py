@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, StrictInt, model_validator
+from pydantic import BaseModel, Field, StrictInt, model_validator
 
 from server.api.conversation import chat_prompt
 from server.api.deps import EngineDep, RegistryDep, SettingsDep
@@ -44,12 +44,12 @@ class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool = Field(True, strict=True)
     tools: list[dict[str, Any]] | None = None  # described in the prompt as chat describes them
     tool_choice: Any = None
     # Default: true for a prompt. Messages always get exactly the chat endpoint's tokens.
-    add_special_tokens: bool | None = None
-    return_token_strs: bool = False
+    add_special_tokens: bool | None = Field(None, strict=True)
+    return_token_strs: bool = Field(False, strict=True)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TokenizeRequest:

@@ -129,7 +129,7 @@ class Job:
     def emit_finish(self, choice: Choice) -> None:
         assert choice.finish is not None
         self._close_text()
-        self.pending.append(ChoiceFinished(choice.index, choice.finish))
+        self.pending.append(ChoiceFinished(choice.index, choice.finish, choice.text.matched))
         if self.done:
             self.pending.append(self.usage())
 

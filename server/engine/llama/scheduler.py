@@ -431,6 +431,8 @@ class Scheduler:
             if choice.logprobs:  # the end token is reported (as vLLM does) but adds no text
                 end = choice.logprobs[-1]
                 choice.logprobs[-1] = TokenLogprob(end.token, b"", end.logprob, end.top)
+            if token in job.stop_tokens:  # a stop string that is one token: which one
+                choice.text.matched = self.model.special_piece(token).decode("utf-8", "replace")
             self._finish(job, choice, "stop")
             return
         choice.generated += 1
