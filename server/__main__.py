@@ -48,6 +48,9 @@ def _parse(argv: list[str]) -> dict[str, object]:
     parser.add_argument("--backend-sampling", choices=["auto", "on", "off"],
                         help="sample inside the decode graph where a request allows "
                         "(default off; auto: when layers are on a GPU)")
+    parser.add_argument("--speculative", choices=["registry", "ngram", "off"],
+                        help="speculative decoding: as models.yaml says (default), also "
+                        "prompt lookup (ngram) for every model, or off")
     parser.add_argument("--no-ui", dest="ui", action="store_false", default=None,
                         help="do not serve the chat page at /")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -25,10 +25,12 @@ from server.api.routes import (
     completions,
     embeddings,
     health,
+    infill,
     models,
     ollama,
     ollama_embed,
     ollama_models,
+    rerank,
     responses,
     tokenizer,
     ui,
@@ -50,7 +52,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
     """Build the app; without `engine`, the llama.cpp engine serves `registry`'s models."""
     registry = registry or Registry.load(settings.models_file, settings.templates_dir,
                                          settings.models_dir, settings.default_model)
-    metrics = Metrics()
+    metrics = Metrics(vllm_names=settings.metrics_vllm_names)
     if engine is None:
         from server.engine.manager import LlamaEngine  # keeps llama.cpp out of fake-engine tests
 
@@ -87,6 +89,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
                                  **dict.fromkeys(_paths(*open_routers), "open")}
     for router in (chat.router, completions.router, embeddings.router, tokenizer.router,
                    responses.router,
+                   rerank.router, infill.router,
                    anthropic.router,
                    ollama.router, ollama_embed.router, ollama_models.router,
                    ollama_models.admin_router,

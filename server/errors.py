@@ -64,7 +64,31 @@ class EmbeddingModelOnly(InvalidRequest):
     def __init__(self, model: str) -> None:
         super().__init__(
             f"The model '{model}' is an embedding model (`embedding: true` in models.yaml): it "
-            "serves /v1/embeddings, not chat or text completions.", param="model")
+            "serves /v1/embeddings (a reranker: /v1/rerank), not chat or text completions.",
+            param="model")
+
+
+class NotAReranker(InvalidRequest):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' is not a reranker: /v1/rerank needs a reranker GGUF (a "
+            "classification head) whose models.yaml entry says `embedding: true` and "
+            "`pooling: rank`.", param="model")
+
+
+class RerankerOnly(InvalidRequest):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' is a reranker (rank pooling): it scores query-document pairs "
+            "on /v1/rerank and has no embeddings to return.", param="model")
+
+
+class NoInfillTokens(InvalidRequest):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' cannot fill in the middle: its vocabulary has no FIM prefix, "
+            "suffix and middle tokens. /infill needs a code model trained for it (Qwen2.5-Coder, "
+            "CodeLlama, StarCoder2, CodeGemma, ...).", param="model")
 
 
 class InputTooLong(InvalidRequest):

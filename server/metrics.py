@@ -6,11 +6,14 @@ never prompt text, a user, or a model name a client made up.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 PREFIX = "ggserve:"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -25,7 +28,7 @@ _STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 class Metrics:
     """The server's collectors; `render()` gives the Prometheus text exposition."""
 
-    def __init__(self) -> None:
+    def __init__(self, vllm_names: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -57,11 +60,17 @@ class Metrics:
             f"{PREFIX}prompt_tokens_cached", "Prompt tokens whose KV was reused (prefix cache)",
             ["model"], registry=r)
         self.kv_cache_tokens = Gauge(
-            f"{PREFIX}kv_cache_tokens", "Token positions held in the KV cache (running and "
-            "cached)", ["model"], registry=r)
-        self.kv_cache_usage = Gauge(
-            f"{PREFIX}kv_cache_usage_perc", "KV cache use, 0 to 1 of its token budget",
+            f"{PREFIX}kv_cache_tokens", "KV cache cells held by running requests",
             ["model"], registry=r)
+        self.kv_cache_usage = Gauge(
+            f"{PREFIX}kv_cache_usage_perc", "KV cache use: cells held by running requests, 0 "
+            "to 1 of the budget", ["model"], registry=r)
+        self.kv_cache_capacity = Gauge(
+            f"{PREFIX}kv_cache_capacity_tokens", "The model's KV cache budget, in cells",
+            ["model"], registry=r)
+        self.kv_cache_prefix_tokens = Gauge(
+            f"{PREFIX}kv_cache_prefix_tokens", "KV cache cells idle sequences keep for prefix "
+            "reuse (freed when running requests need them)", ["model"], registry=r)
         self.decode_throughput = Gauge(
             f"{PREFIX}decode_tokens_per_second", "Tokens sampled per second over the last 5 s",
             ["model"], registry=r)
@@ -109,9 +118,65 @@ class Metrics:
         self.grammar_rejections = Counter(
             f"{PREFIX}grammar_rejections", "Sampled tokens a grammar refused (each costs a "
             "filtered resample)", ["model"], registry=r)
+        # Speculative decoding: accepted / drafted is the acceptance rate, by where the drafts
+        # came from (ngram: prompt lookup; draft: the draft model).
+        self.spec_draft_tokens = Counter(
+            f"{PREFIX}spec_draft_tokens", "Draft tokens the model verified (speculative "
+            "decoding)", ["model", "method"], registry=r)
+        self.spec_accepted_tokens = Counter(
+            f"{PREFIX}spec_accepted_tokens", "Draft tokens the model accepted (speculative "
+            "decoding)", ["model", "method"], registry=r)
+
+        if vllm_names:
+            self.registry.register(_VllmNames(self))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def forget(self, model: str) -> None:
+        """Drop an unloaded model's gauges (a stale budget would skew the vLLM-named usage)."""
+        gauges = (self.sequences_running, self.requests_waiting, self.kv_cache_tokens,
+                  self.kv_cache_usage, self.kv_cache_capacity, self.kv_cache_prefix_tokens,
+                  self.decode_throughput)
+        series = [(gauge, (model,)) for gauge in gauges] + [
+            (self.model_memory, (model, part, device))
+            for part in ("weights", "kv_cache") for device in ("cpu", "gpu")]
+        for gauge, labels in series:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+
+
+def _total(gauge: Gauge) -> float:
+    return sum(sample.value for family in gauge.collect() for sample in family.samples)
+
+
+class _VllmNames(Collector):
+    """The server's load under the names vLLM exports, which the Gateway API Inference
+    Extension's endpoint picker reads by default: one series per server, summed over its
+    models (README "Model-aware routing on Kubernetes")."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._started = time.time()
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        held, budget = _total(m.kv_cache_tokens), _total(m.kv_cache_capacity)
+        usage = held / budget if budget else 0.0
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for a batch "
+                                "slot (ggserve:num_requests_waiting, all models)",
+                                value=_total(m.requests_waiting))
+        yield GaugeMetricFamily("vllm:num_requests_running", "Sequences in the decode batches "
+                                "(ggserve:num_sequences_running, all models)",
+                                value=_total(m.sequences_running))
+        for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # new, old
+            yield GaugeMetricFamily(name, "KV cache cells held by running requests, 0 to 1 of "
+                                    "the budget (all models)", value=usage)
+        # No LoRA adapters are served: the picker sees none running and none waiting.
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters (none)", labels=[
+            "max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        lora.add_metric(["0", "", ""], self._started)
+        yield lora
 
 
 class SchedulerMetrics:
@@ -126,6 +191,8 @@ class SchedulerMetrics:
         self._waiting = metrics.requests_waiting.labels(model)
         self._kv_tokens = metrics.kv_cache_tokens.labels(model)
         self._kv_usage = metrics.kv_cache_usage.labels(model)
+        self._kv_capacity = metrics.kv_cache_capacity.labels(model)
+        self._kv_prefix = metrics.kv_cache_prefix_tokens.labels(model)
         self._throughput = metrics.decode_throughput.labels(model)
         self._recent: deque[tuple[float, int]] = deque()
         self._recent_total = 0  # the sum of the window's counts, kept as it moves
@@ -137,12 +204,14 @@ class SchedulerMetrics:
         self.grammar_rejections = metrics.grammar_rejections.labels(model)
 
     def stepped(self, sampled: int, tokens: int, decode_s: float, host_s: float,
-                passes: int) -> None:
-        """One llama_decode of `tokens` tokens in `passes` ubatches that yielded `sampled`
-        new tokens; `host_s` is the step's time outside llama_decode."""
+                passes: int, emitted: int | None = None) -> None:
+        """One llama_decode of `tokens` tokens in `passes` ubatches that sampled `sampled`
+        sequences, which gained `emitted` tokens (more with speculation; default `sampled`);
+        `host_s` is the step's time outside llama_decode."""
         self._decode_calls.inc()
-        self._recent.append((time.monotonic(), sampled))
-        self._recent_total += sampled
+        emitted = sampled if emitted is None else emitted
+        self._recent.append((time.monotonic(), emitted))
+        self._recent_total += emitted
         self._decode_time.observe(decode_s)
         self._host_time.observe(host_s)
         self._sequences.observe(sampled)
@@ -155,10 +224,14 @@ class SchedulerMetrics:
         and must agree with what /ready says at the same moment."""
         self._waiting.set_function(waiting)
 
-    def report(self, running: int, kv_tokens: int, kv_capacity: int) -> None:
+    def report(self, running: int, kv_tokens: int, kv_capacity: int, prefix_tokens: int) -> None:
+        """`kv_tokens` cells of `kv_capacity` held by running requests; `prefix_tokens` kept
+        by idle sequences for reuse, which a new request frees when it needs the room."""
         self._running.set(running)
         self._kv_tokens.set(kv_tokens)
         self._kv_usage.set(kv_tokens / kv_capacity if kv_capacity else 0.0)
+        self._kv_capacity.set(kv_capacity)
+        self._kv_prefix.set(prefix_tokens)
         horizon = time.monotonic() - self.WINDOW
         while self._recent and self._recent[0][0] < horizon:
             self._recent_total -= self._recent.popleft()[1]

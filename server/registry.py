@@ -78,6 +78,27 @@ class ReasoningSpec(_Strict):
     separator: str = Field(min_length=1, description="text between the rationale and answer")
 
 
+class SpeculativeSpec(_Strict):
+    """Speculative decoding (README "Speculative decoding"): drafts from prompt lookup and/or
+    the entry's `draft` model, verified by this model in its decode batch."""
+
+    ngram: bool = False  # prompt lookup: propose what followed the last n tokens earlier on
+    ngram_min: int = Field(3, ge=1, le=16)  # the shortest n-gram matched (longest tried first)
+    ngram_max: int = Field(4, ge=1, le=16)
+    draft_max: int = Field(16, ge=1, le=64)  # tokens drafted per step and sequence
+    draft_min: int = Field(0, ge=0, le=64)  # shorter drafts are not verified
+    draft_p_min: float = Field(0.75, ge=0.0, le=1.0)  # a draft model stops below this confidence
+    # Drafts split a step of several sequences into more passes over the weights: speculate
+    # only while at most this many sequences decode (vLLM: disable_by_batch_size).
+    max_sequences: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SpeculativeSpec:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("'ngram_min' is larger than 'ngram_max'")
+        return self
+
+
 _SOURCES = ("path", "package", "repo", "convert")
 NO_TEMPLATE = "none"  # `template: none`: a base model, whatever chat template its GGUF carries
 
@@ -105,19 +126,51 @@ class ModelSpec(_Strict):
     n_ctx: int | None = Field(None, ge=16, description="context window per request")
     # Layers on the GPU: a number, -1 for all, or "auto" (as many as fit in free VRAM).
     n_gpu_layers: int | Literal["auto"] = -1
+    # The KV cache's element types (llama-server's --cache-type-k/-v): q8_0 takes 53% of
+    # f16's memory, q4_0 28%; a quantized V needs flash attention (GGSERVE_FLASH_ATTN auto/on).
+    cache_type_k: Literal["f16", "q8_0", "q4_0"] = "f16"
+    cache_type_v: Literal["f16", "q8_0", "q4_0"] = "f16"
+    # Several devices (README "Several GPUs", "Across machines"): how the offloaded layers are
+    # split ("none": all on device `main_gpu`), each device's share (default: its free memory),
+    # and llama.cpp rpc-server workers (host:port) whose devices come before this host's GPUs.
+    split_mode: Literal["none", "layer", "row"] = "layer"
+    tensor_split: tuple[float, ...] | None = None
+    main_gpu: int = Field(0, ge=0)
+    rpc: tuple[str, ...] = ()
     keep_alive: float | None = None  # seconds idle before unloading; the server's default if unset
     rope: RopeSpec = RopeSpec()
     sampling: SamplingDefaults = SamplingDefaults()
+    # Speculative decoding: `draft` names the registry entry of a small model with the same
+    # vocabulary; `speculative` sets prompt lookup and the draft lengths (defaults with `draft`).
+    draft: str | None = None
+    speculative: SpeculativeSpec | None = None
     # An embedding model serves /v1/embeddings only; `pooling` unset means the GGUF's own
-    # pooling type, or mean when it has none (a decoder LLM used for embeddings).
+    # pooling type, or mean when it has none (a decoder LLM used for embeddings). `rank`: a
+    # reranker (its classification head scores query-document pairs), on /v1/rerank only.
     embedding: bool = False
-    pooling: Literal["mean", "cls", "last"] | None = None
+    pooling: Literal["mean", "cls", "last", "rank"] | None = None
 
     @field_validator("n_gpu_layers")
     @classmethod
     def _layers(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value < -1:
             raise ValueError("a number of layers, -1 for all, or 'auto'")
+        return value
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _split(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and (any(v < 0 for v in value) or not sum(value)):
+            raise ValueError("a share per device, none negative and not all 0")
+        return value
+
+    @field_validator("rpc")
+    @classmethod
+    def _endpoints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for endpoint in value:
+            host, _, port = endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{endpoint!r} is not host:port")
         return value
 
     @field_validator("keep_alive", mode="before")
@@ -146,6 +199,10 @@ class ModelSpec(_Strict):
     @property
     def file_name(self) -> str:
         return (self.file or "").replace("{quant}", self.quant or "")
+
+    @property
+    def reranker(self) -> bool:
+        return self.pooling == "rank"
 
     @property
     def chat_template_off(self) -> bool:
@@ -195,11 +252,29 @@ class Registry:
                 raise RegistryError(
                     f"{path}: model '{spec.id}': field 'template': unknown template "
                     f"'{spec.template}' (no {self.template_path(spec)}); available: {available}")
+            self._check_speculation(path, spec)
             if spec.path or spec.package:  # a `convert` file may be built after the start
                 try:
                     self.local_file(spec)
                 except ModelLoadFailed as exc:
                     raise RegistryError(f"{path}: model '{spec.id}': {exc.message}") from None
+
+    def _check_speculation(self, path: Path, spec: ModelSpec) -> None:
+        where = f"{path}: model '{spec.id}':"
+        if spec.embedding and (spec.draft or spec.speculative):
+            raise RegistryError(f"{where} an embedding model does not generate: remove 'draft' "
+                                "and 'speculative'")
+        if spec.draft is not None:
+            try:
+                draft: ModelSpec | None = self.get(spec.draft)  # id or id:QUANT
+            except ModelNotFound:
+                draft = None
+            if draft is None or draft.embedding:
+                raise RegistryError(f"{where} field 'draft': '{spec.draft}' is not a generating "
+                                    f"model of this registry; entries: {sorted(self.specs)}")
+        elif spec.speculative is not None and not spec.speculative.ngram:
+            raise RegistryError(f"{where} field 'speculative': set 'ngram: true' or name a "
+                                "'draft' model")
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self.specs.values())

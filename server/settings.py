@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     # chain they replace (docs/benchmarks.md, "Backend sampling").
     backend_sampling: Literal["auto", "on", "off"] = "off"
     threads: int = Field(default_factory=_default_threads, ge=1)
+    # Speculative decoding (README "Speculative decoding"): "registry" as each models.yaml entry
+    # says (`draft`, `speculative`); "ngram" also turns prompt lookup on for every entry that
+    # has no `speculative` of its own; "off" for none.
+    speculative: Literal["registry", "ngram", "off"] = "registry"
     cpu_repack: Literal["auto", "on", "off"] = "auto"
     # llama.cpp's flash attention ("auto": where the backend has it, as llama-server). On the
     # CPU it accumulates in f16: log-probabilities move by up to ~0.1 against "off".
@@ -90,6 +94,9 @@ class Settings(BaseSettings):
     admin_keys: list[str] = Field(default_factory=list, repr=False)
     admin_key_file: Path | None = None
     metrics_require_key: bool = False
+    # /metrics also serves the load under vLLM's names (vllm:num_requests_waiting, ...),
+    # which the Gateway API Inference Extension's endpoint picker reads by default.
+    metrics_vllm_names: bool = False
     cors_origins: list[str] = Field(default_factory=list)
     ui: bool = True  # the chat page at /
     # --- shutdown: on SIGTERM /ready turns 503 for drain_s, then running streams get up to

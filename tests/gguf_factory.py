@@ -6,7 +6,11 @@ GQA), ``stablelm`` (StableLM-3B-4E1T: LayerNorm with biases, partial rotary) and
 picks the 40B code path only from that tensor's presence, there is no metadata key for it).
 One more, ``bert``, is an encoder for embedding tests (not in ``ARCHS``: it cannot generate):
 non-causal attention, learned positions, post-norm layers with biases, CLS pooling, and the
-same vocabulary read as a WordPiece (``bert``) tokenizer.
+same vocabulary read as a WordPiece (``bert``) tokenizer; with ``reranker=True`` it is a
+cross-encoder as llama.cpp runs BGE/ms-marco rerankers: rank pooling, the classification head
+(``cls``: dense + tanh, ``cls.output``: one score) and ``<s> query </s></s> doc </s>`` pairs
+(add_eos, add_sep). ``tensors`` replaces chosen random weights (f32 files), so a test can
+predict what a model computes.
 
 The vocabulary (``tokenizer``) is one of ``TOKENIZERS``, with the token types that converted
 models carry: ``llama``, a SentencePiece tokenizer (Llama/Mistral/OpenChat): ``<unk> <s> </s>``,
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,7 +229,8 @@ def bpe_vocabulary(
     return tokens, types, merges
 
 
-def _tensor_specs(arch: str, shape: Shape, n_vocab: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+def _tensor_specs(arch: str, shape: Shape, n_vocab: int,
+                  reranker: bool = False) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(name, numpy shape) of every tensor, in file order; numpy shape is ggml's reversed."""
     e, kv, ff = shape.n_embd, shape.n_embd_kv, shape.n_ff
 
@@ -249,6 +254,10 @@ def _tensor_specs(arch: str, shape: Shape, n_vocab: int) -> Iterator[tuple[str, 
             for t in (_T.ATTN_OUT_NORM, _T.LAYER_OUT_NORM):
                 yield name(t, "weight", i), (e,)
                 yield name(t, "bias", i), (e,)
+        if reranker:  # llama.cpp's classification head: tanh(cls @ h + b), then cls.output
+            for t, rows in ((_T.CLS, e), (_T.CLS_OUT, 1)):
+                yield name(t, "weight"), (rows, e)
+                yield name(t, "bias"), (rows,)
         return
     biased_norms = arch != "llama"  # LayerNorm with bias for stablelm and falcon
     yield name(_T.TOKEN_EMBD, "weight"), (n_vocab, e)
@@ -278,7 +287,8 @@ def _tensor_specs(arch: str, shape: Shape, n_vocab: int) -> Iterator[tuple[str, 
         yield name(_T.FFN_DOWN, "weight", i), (e, ff)
 
 
-def _add_hparams(w: gguf.GGUFWriter, arch: str, shape: Shape, rope_freq_base: float) -> None:
+def _add_hparams(w: gguf.GGUFWriter, arch: str, shape: Shape, rope_freq_base: float,
+                 reranker: bool = False) -> None:
     w.add_context_length(shape.n_ctx_train)
     w.add_embedding_length(shape.n_embd)
     w.add_block_count(shape.n_layer)
@@ -293,7 +303,7 @@ def _add_hparams(w: gguf.GGUFWriter, arch: str, shape: Shape, rope_freq_base: fl
     if arch == "bert":
         w.add_causal_attention(False)
         w.add_token_type_count(2)
-        w.add_pooling_type(gguf.PoolingType.CLS)
+        w.add_pooling_type(gguf.PoolingType.RANK if reranker else gguf.PoolingType.CLS)
     if arch == "stablelm":  # StableLM-3B-4E1T rotates a quarter of each head
         w.add_rope_dimension_count(max(2, shape.head_dim // 4 // 2 * 2))
     else:  # llama.cpp requires n_rot == head_dim for llama and falcon
@@ -378,8 +388,15 @@ def write_gguf(
     user_defined_tokens: Sequence[str] = (),
     name: str | None = None,
     vocab_size: int | None = None,
+    reranker: bool = False,
+    tensors: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a random-weight GGUF model to `path` (streamed tensor by tensor); return it."""
+    tensors = tensors or {}
+    if reranker and arch != "bert":
+        raise ValueError("a reranker is a bert cross-encoder: arch 'bert'")
+    if tensors and dtype != "f32":
+        raise ValueError("chosen tensors go in f32 files only")
     if arch not in ARCHS + ENCODER_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + ENCODER_ARCHS}")
     if dtype not in DTYPES:
@@ -410,12 +427,19 @@ def write_gguf(
         raise ValueError(f"eos_token {eos_token!r} is not a control or special token")
 
     path = Path(path)
-    specs = list(_tensor_specs(arch, shape, len(tokens)))
+    specs = list(_tensor_specs(arch, shape, len(tokens), reranker))
+    for tensor_name, np_shape in specs:
+        if tensor_name in tensors and tensors[tensor_name].shape != np_shape:
+            raise ValueError(f"{tensor_name} has shape {np_shape}, not "
+                             f"{tensors[tensor_name].shape}")
+    unknown = set(tensors) - {tensor_name for tensor_name, _ in specs}
+    if unknown:
+        raise ValueError(f"no such tensors in a {arch} model: {sorted(unknown)}")
 
     w = gguf.GGUFWriter(path, arch)
     w.add_name(name or f"random-{arch}")  # llama.cpp sets some token attributes by name
     w.add_file_type(file_type)
-    _add_hparams(w, arch, shape, rope_freq_base)
+    _add_hparams(w, arch, shape, rope_freq_base, reranker)
     w.add_tokenizer_model("bert" if arch == "bert" else "llama" if tokenizer == "llama"
                           else "gpt2")
     if tokenizer != "llama":
@@ -433,7 +457,9 @@ def write_gguf(
     if arch == "bert":  # WordPiece: [CLS] text [SEP], here <s> text </s>
         w.add_sep_token_id(2)
     w.add_add_bos_token(add_bos)
-    w.add_add_eos_token(False)
+    w.add_add_eos_token(reranker)
+    if reranker:
+        w.add_add_sep_token(True)
     if chat_template is not None:
         w.add_chat_template(chat_template)
 
@@ -452,7 +478,9 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for tensor_name, np_shape in specs:  # one tensor in memory at a time
-            if len(np_shape) > 1:
+            if tensor_name in tensors:
+                w.write_tensor_data(np.ascontiguousarray(tensors[tensor_name], np.float32))
+            elif len(np_shape) > 1:
                 w.write_tensor_data(_random_matrix(
                     rng, np_shape, _matrix_type(tensor_name, dtype, shape.n_layer)))
             elif tensor_name.endswith(".bias"):
@@ -483,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="pad the llama tokenizer's vocabulary to this many tokens")
     parser.add_argument("--chat-template-file", type=Path)
     parser.add_argument("--rope-freq-base", type=float, default=10000.0)
+    parser.add_argument("--reranker", action="store_true",
+                        help="with --arch bert: a cross-encoder reranker (rank pooling)")
     args = parser.parse_args(argv)
 
     shape = SHAPES[args.shape]
@@ -493,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       chat_template=template, eos_token=args.eos_token, seed=args.seed,
                       dtype=args.dtype, rope_freq_base=args.rope_freq_base,
                       tokenizer=args.tokenizer, user_defined_tokens=args.user_defined_tokens,
-                      vocab_size=args.vocab_size)
+                      vocab_size=args.vocab_size, reranker=args.reranker)
     print(f"{path}: {args.arch} {shape} {args.dtype}, {path.stat().st_size / 2**30:.2f} GiB")
 
 

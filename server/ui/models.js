@@ -13,6 +13,7 @@ function size(bytes) {
 // What a person needs to know of a model: a short state, whether it can chat, any progress.
 export function describe(model) {
   if (model.kind === "embedding") return { text: "embeddings only, not for chat", chat: false };
+  if (model.kind === "rerank") return { text: "reranker only, not for chat", chat: false };
   const download = model.download ?? {};
   switch (model.status) {
     case "loaded":

@@ -20,7 +20,7 @@ class Model(BaseModel):
     # loaded, loading, on_disk (ready to load), not_downloaded (a download of size_bytes, or a
     # missing file: see error), downloading (see download), failed (see error)
     status: ModelState = "on_disk"
-    kind: Literal["chat", "embedding"] = "chat"  # which endpoints it serves
+    kind: Literal["chat", "embedding", "rerank"] = "chat"  # which endpoints it serves
     size_bytes: int | None = None  # its GGUF, on disk or to download (None: not known)
     error: str | None = None  # why the last load failed, or why its file is missing
     download: DownloadProgress | None = None

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import struct
-import time
-from collections.abc import Awaitable
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -15,8 +12,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from server.api.protocol.common import ERROR_RESPONSES, RequestBody
-from server.engine.base import Embeddings
-from server.errors import InvalidRequest, RequestTimedOut, ServerError
+from server.api.serving import metered_call
+from server.errors import InvalidRequest
 
 router = APIRouter()
 log = logging.getLogger("server.requests")
@@ -95,18 +92,9 @@ async def create_embeddings(body: EmbeddingRequest, engine: EngineDep, registry:
                             settings: SettingsDep) -> CreateEmbeddingResponse:
     inputs = body.inputs()
     spec = registry.get(body.model)
-    started = time.perf_counter()
-    outcome = "server_error"
-    try:
-        result = await _timed(engine.embed(spec.id, inputs), settings.request_timeout_s)
-        outcome = "ok"
-    except ServerError as exc:
-        outcome = "client_error" if exc.status_code < 500 else "server_error"
-        raise
-    finally:
-        metrics.requests.labels(spec.id, "embeddings", outcome).inc()
-        log.info("embeddings %s %s inputs=%d total=%.3fs", spec.id, outcome, len(inputs),
-                 time.perf_counter() - started)
+    result = await metered_call(engine.embed(spec.id, inputs), metrics=metrics, model=spec.id,
+                                endpoint="embeddings", timeout_s=settings.request_timeout_s,
+                                what="inputs", count=len(inputs))
     metrics.prompt_tokens.labels(spec.id).inc(result.prompt_tokens)
     as_base64 = body.encoding_format == "base64"
     return CreateEmbeddingResponse(
@@ -115,14 +103,6 @@ async def create_embeddings(body: EmbeddingRequest, engine: EngineDep, registry:
         model=spec.id,
         usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens,
                              total_tokens=result.prompt_tokens))
-
-
-async def _timed(work: Awaitable[Embeddings], timeout_s: float) -> Embeddings:
-    try:
-        return await asyncio.wait_for(work, timeout_s)
-    except TimeoutError:
-        raise RequestTimedOut(f"The request ran longer than this server allows ({timeout_s:g} "
-                              "s); send fewer or shorter inputs.") from None
 
 
 def _base64(vector: list[float]) -> str:

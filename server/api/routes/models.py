@@ -64,7 +64,8 @@ def _describe(spec: ModelSpec, engine: Engine) -> Model:
     loaded = status.state == "loaded"
     return Model(
         id=spec.id, created=_STARTED, loaded=loaded, status=status.state,
-        kind="embedding" if spec.embedding else "chat", size_bytes=status.size,
+        kind="rerank" if spec.reranker else "embedding" if spec.embedding else "chat",
+        size_bytes=status.size,
         error=status.error,
         download=DownloadProgress(downloaded=status.downloaded, total=status.download_size)
         if status.downloaded is not None else None,

@@ -5,7 +5,6 @@ legacy endpoint too, where Ollama's are not)."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 
@@ -16,9 +15,10 @@ from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from server.api.protocol.common import RequestBody
 from server.api.protocol.ollama import ERRORS, Options, keep_alive_seconds
 from server.api.routes.ollama import resolve
+from server.api.serving import metered_call
 from server.chat.template import plain_prompt
 from server.engine.base import Embeddings, Engine
-from server.errors import InputTooLong, InvalidRequest, RequestTimedOut, ServerError
+from server.errors import InputTooLong, InvalidRequest
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -120,31 +120,26 @@ def _check_keep_alive(keep_alive: float | str | None) -> None:
                              "models.yaml.", param="keep_alive")
 
 
+async def _embedded(engine: Engine, model: str, texts: list[str], truncate: bool) -> Embeddings:
+    """The vectors, inputs cut to the context when they are too long and `truncate` allows."""
+    try:
+        return await engine.embed(model, texts)
+    except InputTooLong:
+        if not truncate:
+            raise
+        return await _truncated(engine, model, texts)
+
+
 async def _embed(engine: Engine, model: str, texts: list[str], truncate: bool,
                  metrics: Metrics, settings: Settings) -> Embeddings:
     """The engine's vectors for `texts`, counted in the metrics as /v1/embeddings counts them."""
     if not texts:
         await engine.load(model)
         return Embeddings([], 0)
-    outcome = "server_error"
-    try:
-        async with asyncio.timeout(settings.request_timeout_s):
-            try:
-                result = await engine.embed(model, texts)
-            except InputTooLong:
-                if not truncate:
-                    raise
-                result = await _truncated(engine, model, texts)
-        outcome = "ok"
-    except TimeoutError:
-        raise RequestTimedOut(f"The request ran longer than this server allows "
-                              f"({settings.request_timeout_s:g} s); send fewer or shorter "
-                              "inputs.") from None
-    except ServerError as exc:
-        outcome = "client_error" if exc.status_code < 500 else "server_error"
-        raise
-    finally:
-        metrics.requests.labels(model, "ollama_embed", outcome).inc()
+    result = await metered_call(_embedded(engine, model, texts, truncate), metrics=metrics,
+                                model=model, endpoint="ollama_embed",
+                                timeout_s=settings.request_timeout_s, what="inputs",
+                                count=len(texts))
     metrics.prompt_tokens.labels(model).inc(result.prompt_tokens)
     return result
 

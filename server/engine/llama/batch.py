@@ -9,14 +9,14 @@ running sequences consecutive and the metrics can show how often a step was spli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Entry:
-    """`size` tokens of sequence `seq_id` for the caller's item `key` (a running choice, size
-    1, or the next chunk of a prompt)."""
+    """`size` tokens of sequence `seq_id` for the caller's item `key` (a running choice: its
+    next token and any draft tokens to verify; or the next chunk of a prompt)."""
 
     key: int
     seq_id: int
@@ -25,13 +25,15 @@ class Entry:
 
 
 def plan_batch(decoding: Sequence[tuple[int, int]], prefilling: Sequence[tuple[int, int, int]],
-               capacity: int) -> list[Entry]:
-    """Every decoding `(key, seq_id)` gets one token; prompts `(key, seq_id, remaining)` share
-    what is left of `capacity`, first come first served; ordered by ascending sequence id."""
+               capacity: int, drafted: Mapping[int, int] | None = None) -> list[Entry]:
+    """Every decoding `(key, seq_id)` gets one token, plus `drafted[key]` draft tokens; prompts
+    `(key, seq_id, remaining)` share what is left of `capacity`, first come first served;
+    ordered by ascending sequence id."""
     if len(decoding) > capacity:
         raise ValueError(f"{len(decoding)} running sequences exceed a batch of {capacity}")
-    entries = [Entry(key, seq, 1, False) for key, seq in decoding]
-    budget = capacity - len(entries)
+    drafted = drafted or {}
+    entries = [Entry(key, seq, 1 + drafted.get(key, 0), False) for key, seq in decoding]
+    budget = capacity - sum(e.size for e in entries)
     for key, seq, remaining in prefilling:
         if budget <= 0:
             break

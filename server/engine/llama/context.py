@@ -7,6 +7,7 @@ from typing import Any
 
 import llama_cpp as lc
 
+from server.engine.llama.gguf import KV_TYPES
 from server.engine.llama.native import NativeModel
 from server.errors import EngineFailure
 
@@ -33,6 +34,8 @@ class ContextConfig:
     kv_unified: bool = False
     flash_attn: str = "auto"
     backend_sampling: bool = False  # sampler chains in the decode graph where requests allow
+    cache_type_k: str = "f16"  # the KV cache's types (gguf.KV_TYPES)
+    cache_type_v: str = "f16"
 
 
 def context_params(config: ContextConfig) -> Any:
@@ -41,6 +44,8 @@ def context_params(config: ContextConfig) -> Any:
     params = lc.llama_context_default_params()
     params.n_threads = params.n_threads_batch = config.threads
     params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
+    params.type_k = KV_TYPES[config.cache_type_k][0]
+    params.type_v = KV_TYPES[config.cache_type_v][0]
     params.no_perf = True
     for key, value in config.rope.items():
         setattr(params, key, _ROPE_SCALING[value] if key == "rope_scaling_type" else value)

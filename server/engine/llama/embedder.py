@@ -4,35 +4,44 @@ created with embeddings on and a pooling type. Requests queue for it, one at a t
 A request's inputs are packed into as few llama_decode calls (llama_encode for encoder models)
 as the context holds: one sequence per input, the KV memory cleared before each call. Vectors
 come back L2-normalised, as OpenAI's API and llama-server return them.
+
+A reranker runs with rank pooling: each sequence is a query-document pair, and llama.cpp's
+classification head gives its score (the first of n_cls_out floats, as llama-server reads it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import llama_cpp as lc
 
 from server.chat.template import Prompt, prompt_text
-from server.engine.base import Embeddings
+from server.engine.base import Embeddings, Ranking
 from server.engine.llama.context import ContextConfig, context_params, create_context
 from server.engine.llama.native import NativeModel
+from server.engine.llama.rerank import check_pair, pair_tokens
 from server.engine.llama.vocab import check_tokens
 from server.errors import (
     EngineFailure,
     InputTooLong,
     InvalidRequest,
+    NotAReranker,
+    RerankerOnly,
     ServerOverloaded,
     ServerShuttingDown,
 )
 from server.metrics import Metrics
 
+log = logging.getLogger("server.engine")
+Result = TypeVar("Result")
 POOLING = {"mean": lc.LLAMA_POOLING_TYPE_MEAN, "cls": lc.LLAMA_POOLING_TYPE_CLS,
-           "last": lc.LLAMA_POOLING_TYPE_LAST}
+           "last": lc.LLAMA_POOLING_TYPE_LAST, "rank": lc.LLAMA_POOLING_TYPE_RANK}
 
 
 def gguf_pooling(model: NativeModel) -> str:
@@ -57,7 +66,13 @@ class Embedder:
         self.config = config
         self.kv_cells = config.n_ctx  # every input of a decode call shares one n_ctx cache
         self.pooling = pooling or gguf_pooling(model)
-        self.n_embd = int(lc.llama_model_n_embd_out(model.ptr))
+        self.name = name
+        if self.pooling == "rank" and gguf_pooling(model) != "rank":
+            log.warning("model %s: rank pooling, but its GGUF declares no reranker (pooling type "
+                        "rank, a classification head): its scores may mean nothing", name)
+        # what llama_get_embeddings_seq gives per sequence: a vector, or the classifier's outputs
+        self.n_embd = int(lc.llama_model_n_cls_out(model.ptr) if self.pooling == "rank"
+                          else lc.llama_model_n_embd_out(model.ptr))
         self._n_seq = min(config.n_ctx, int(lc.llama_max_parallel_sequences()))
         self._encoder = bool(lc.llama_model_has_encoder(model.ptr))
         self._decode_calls = metrics.decode_calls.labels(name)
@@ -78,6 +93,18 @@ class Embedder:
 
     async def embed(self, inputs: list[list[int]] | list[str]) -> Embeddings:
         """Queue `inputs` for the worker thread; typed errors raise here."""
+        if self.pooling == "rank":
+            raise RerankerOnly(self.name)
+        return await self._queued_job(self._embed, inputs)
+
+    async def rerank(self, query: str, documents: list[str]) -> Ranking:
+        """Score each (query, document) pair on the worker thread; typed errors raise here."""
+        if self.pooling != "rank":
+            raise NotAReranker(self.name)
+        return await self._queued_job(self._rank, query, documents)
+
+    async def _queued_job(self, job: Callable[..., Result], *args: Any) -> Result:
+        """Run `job(given_up, *args)` on the worker thread once the requests before it are done."""
         with self._lock:
             if self._closing:
                 raise ServerShuttingDown("The server is shutting down; retry on another replica.")
@@ -87,7 +114,7 @@ class Embedder:
                     f"{self.config.max_waiting}); retry shortly.")
             self._queued += 1
             given_up = threading.Event()
-            future = self._worker.submit(self._run, inputs, given_up)
+            future = self._worker.submit(self._started, job, given_up, *args)
         future.add_done_callback(self._forget_if_cancelled)
         try:
             return await asyncio.wrap_future(future)
@@ -128,22 +155,37 @@ class Embedder:
         return create_context(self.model, params, f"an embedding context of {cfg.n_ctx} "
                               "tokens; lower n_ctx")
 
-    def _forget_if_cancelled(self, future: Future[Embeddings]) -> None:
+    def _forget_if_cancelled(self, future: Future[Any]) -> None:
         if future.cancelled():  # never started: it leaves the queue here
             with self._lock:
                 self._queued -= 1
 
-    def _run(self, inputs: list[list[int]] | list[str], given_up: threading.Event) -> Embeddings:
+    def _started(self, job: Callable[..., Result], given_up: threading.Event,
+                 *args: Any) -> Result:
         with self._lock:
             self._queued -= 1
+        return job(given_up, *args)
+
+    def _embed(self, given_up: threading.Event, inputs: list[list[int]] | list[str]) -> Embeddings:
         items: list[list[int] | str] = list(inputs)
         tokens = [self._input_tokens(index, item) for index, item in enumerate(items)]
-        vectors: list[list[float]] = []
+        vectors = [_unit(values) for values in self._outputs(tokens, given_up)]
+        return Embeddings(vectors, sum(len(t) for t in tokens))
+
+    def _rank(self, given_up: threading.Event, query: str, documents: list[str]) -> Ranking:
+        tokens = [check_pair(pair_tokens(self.model, query, document), index, self.config.n_ctx)
+                  for index, document in enumerate(documents)]
+        scores = [values[0] for values in self._outputs(tokens, given_up)]
+        return Ranking(scores, sum(len(t) for t in tokens))
+
+    def _outputs(self, tokens: list[list[int]], given_up: threading.Event) -> list[list[float]]:
+        """Each input's pooled output, decoded in as few calls as the context allows."""
+        outputs: list[list[float]] = []
         for group in self._groups(tokens):
             if self._closing or given_up.is_set():
                 raise ServerShuttingDown("The server shut down before this request finished.")
-            vectors += self._decode(group)
-        return Embeddings(vectors, sum(len(t) for t in tokens))
+            outputs += self._decode(group)
+        return outputs
 
     def _input_tokens(self, index: int, item: list[int] | str) -> list[int]:
         if isinstance(item, str):
@@ -189,12 +231,16 @@ class Embedder:
         self._decode_calls.inc()
         if status != 0:
             raise EngineFailure(f"llama.cpp failed to embed (status {status}).")
-        return [self._vector(seq) for seq in range(len(group))]
+        return [self._pooled(seq) for seq in range(len(group))]
 
-    def _vector(self, seq: int) -> list[float]:
+    def _pooled(self, seq: int) -> list[float]:
         pooled = lc.llama_get_embeddings_seq(self.ctx, seq)
         if not pooled:
-            raise EngineFailure("llama.cpp returned no pooled embedding for a sequence.")
+            raise EngineFailure("llama.cpp returned no pooled output for a sequence.")
         values: list[float] = pooled[:self.n_embd]
-        norm = math.hypot(*values)
-        return [v / norm for v in values] if norm > 0 else values
+        return values
+
+
+def _unit(values: list[float]) -> list[float]:
+    norm = math.hypot(*values)
+    return [v / norm for v in values] if norm > 0 else values

@@ -9,8 +9,9 @@ expose it, so it is declared here through ctypes on the same libggml-base that l
 from __future__ import annotations
 
 import ctypes
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.engine.llama.native import ggml_library
@@ -54,6 +55,12 @@ def _library() -> ctypes.CDLL:
 _lib: ctypes.CDLL | None = None
 
 
+# KV cache types: ggml's type id and bytes per element (a q8_0 block: 32 values in 34 bytes,
+# a q4_0 block: 32 in 18)
+KV_TYPES: dict[str, tuple[int, float]] = {"f16": (1, 2.0), "q8_0": (8, 34 / 32),
+                                         "q4_0": (2, 18 / 32)}
+
+
 @dataclass(frozen=True)
 class GGUFInfo:
     """A GGUF's architecture and sizes: enough to budget memory and split layers."""
@@ -64,11 +71,18 @@ class GGUFInfo:
     file_bytes: int
     layer_bytes: tuple[int, ...]  # weights of each repeating block
     other_bytes: int  # embeddings, output head, final norm
-    kv_bytes_per_token: int  # K and V in f16 over all layers
+    kv_bytes_per_token: int  # K and V over all layers: f16, or the types of with_cache()
+    kv_elements_per_token: tuple[int, int] = (0, 0)  # K's and V's, over all layers
 
     @property
     def weights_bytes(self) -> int:
         return sum(self.layer_bytes) + self.other_bytes
+
+    def with_cache(self, type_k: str, type_v: str) -> GGUFInfo:
+        """This model with its KV cache in `type_k` / `type_v` (KV_TYPES): what it costs."""
+        k, v = self.kv_elements_per_token
+        per_token = k * KV_TYPES[type_k][1] + v * KV_TYPES[type_v][1]
+        return replace(self, kv_bytes_per_token=math.ceil(per_token))
 
 
 def read_gguf(path: Path) -> GGUFInfo:
@@ -128,4 +142,5 @@ def _summarise(lib: ctypes.CDLL, ctx: int, path: Path, size: int) -> GGUFInfo:
         architecture=arch, n_layer=n_layer,
         n_ctx_train=int(value(f"{arch}.context_length") or 0), file_bytes=size,
         layer_bytes=tuple(layers), other_bytes=other,
-        kv_bytes_per_token=2 * n_layer * n_head_kv * (head_k + head_v))
+        kv_bytes_per_token=2 * n_layer * n_head_kv * (head_k + head_v),
+        kv_elements_per_token=(n_layer * n_head_kv * head_k, n_layer * n_head_kv * head_v))

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.engine.base import (
     ChoiceFinished,
@@ -16,9 +16,16 @@ from server.engine.base import (
     TextDelta,
     TokenLogprob,
     Usage,
+    is_token_ids,
 )
-from server.engine.llama.sampling import SequenceSampler, free_sampler
+from server.engine.llama.native import NativeModel
+from server.engine.llama.sampling import SequenceSampler, free_sampler, parse_grammar
+from server.engine.llama.vocab import check_tokens, read_prompt
 from server.engine.textstream import StopTextStream
+from server.errors import ContextLengthExceeded, InvalidRequest
+
+if TYPE_CHECKING:
+    from server.engine.llama.speculative import SpecState
 
 _END = object()
 
@@ -41,6 +48,7 @@ class Choice:
     # Log-probabilities of sampled tokens whose text is not sent yet (held for a stop string
     # or an unfinished UTF-8 character); they go out with that text.
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    spec: SpecState | None = None  # its speculative decoding, if it speculates
 
 
 @dataclass(eq=False)
@@ -197,3 +205,44 @@ class JobStream:
                     yield item  # type: ignore[misc]
         finally:
             self.cancel()
+
+
+def prepare_job(model: NativeModel, n_ctx: int, kv_cells: int, model_stops: frozenset[int],
+                request: GenerationRequest, stream: JobStream) -> Job:
+    """`request` as a Job: its tokens checked against the context, its grammar parsed."""
+    prompt = request.prompt
+    if is_token_ids(prompt):
+        check_tokens(model, prompt, "prompt")
+        tokens, bos_added = list(prompt), False
+    else:
+        tokens, bos_added = read_prompt(model, prompt)
+    if not tokens:
+        raise InvalidRequest("The prompt is empty; send at least one token of text.",
+                             param="prompt")
+    room = n_ctx - len(tokens)
+    wanted = request.max_tokens
+    if room < (0 if wanted == 0 else 1) or (wanted is not None and wanted > room):
+        raise ContextLengthExceeded(n_prompt_tokens=len(tokens), n_ctx=n_ctx,
+                                    max_tokens=wanted)
+    check_tokens(model, request.stop_tokens, "stop")
+    check_tokens(model, tuple(request.sampling.logit_bias), "logit_bias")
+    stop_tokens = model_stops | stop_token_ids(model, request.stop) | \
+        frozenset(request.stop_tokens)
+    max_new = min(room, request.default_max_tokens or room) if wanted is None else wanted
+    reservation = len(tokens) + request.n * max_new
+    if reservation > kv_cells:
+        raise InvalidRequest(
+            f"n={request.n} choices of up to {max_new} tokens after a "
+            f"{len(tokens)}-token prompt need {reservation} KV cells; this model has "
+            f"{kv_cells}. Lower n or max_tokens.", param="n")
+    grammar = None if request.grammar is None else parse_grammar(model.vocab, request.grammar)
+    preserved = frozenset(t for t in map(model.single_token, request.preserved)
+                          if t is not None)
+    return Job(request, tokens, max_new, stop_tokens, stream, bos_added=bos_added,
+               grammar=grammar, preserved=preserved)
+
+
+def stop_token_ids(model: NativeModel, stops: tuple[str, ...]) -> frozenset[int]:
+    """The stop strings that are single tokens of `model`, as token ids."""
+    ids = (model.single_token(s) for s in stops if s)
+    return frozenset(i for i in ids if i is not None)

@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,23 @@ def repack_enabled(setting: str) -> bool:
 class NativeModel:
     """A loaded llama_model with its vocabulary: tokenize, detokenize, metadata."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int, repack: bool) -> None:
+    def __init__(self, path: Path, *, n_gpu_layers: int, repack: bool,
+                 devices: Sequence[int] = (), split_mode: int = 1, main_gpu: int = 0,
+                 tensor_split: Sequence[float] = ()) -> None:
+        """Load `path`; `devices` (ggml_backend_dev_t handles) replaces llama.cpp's default
+        device list (every GPU), and `tensor_split` gives each device's share of the layers."""
         params = lc.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 10_000
         params.use_extra_bufts = repack
+        params.split_mode, params.main_gpu = split_mode, main_gpu
+        # llama.cpp copies both arrays while loading: they need to live only through the call.
+        device_list = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+        if devices:
+            params.devices = ctypes.cast(device_list, ctypes.c_void_p)
+        shares = (ctypes.c_float * max(int(lc.llama_max_devices()), len(tensor_split)))(
+            *tensor_split)
+        if tensor_split:
+            params.tensor_split = ctypes.cast(shares, ctypes.POINTER(ctypes.c_float))
         _load_errors.lines = []
         try:
             ptr = lc.llama_model_load_from_file(str(path).encode(), params)

@@ -1,11 +1,12 @@
 """One scheduler thread per loaded model: it alone touches the llama.cpp context.
 
-Each step decodes, in a single llama_decode, the next token of every running choice plus a chunk
-of the prompt of any request still being read (batch.py plans it), then samples each choice
-(sampling.py: in the decode graph where the chain allows, else on the CPU). What a step wrote to
-the KV cache is committed to its sequences only after llama_decode succeeds; a failed decode
-removes it again and fails only the requests it touched. A crash of the thread marks the model
-failed: queued and new requests get the error at once.
+Each step decodes, in a single llama_decode, the next token of every running choice (and its
+draft tokens when it speculates: speculative.py) plus a chunk of the prompt of any request still
+being read (batch.py plans it), then samples each choice (sampling.py: in the decode graph where
+the chain allows, else on the CPU). What a step wrote to the KV cache is committed to its
+sequences only after llama_decode succeeds; a failed decode removes it again and fails only the
+requests it touched. A crash of the thread marks the model failed: queued and new requests get
+the error at once.
 """
 
 from __future__ import annotations
@@ -21,19 +22,26 @@ from typing import Any
 import llama_cpp as lc
 
 from server.chat.template import Prompt
-from server.engine.base import GenerationRequest, PromptTokens, TokenLogprob, is_token_ids
+from server.engine.base import GenerationRequest, PromptTokens, TokenLogprob
 from server.engine.llama.batch import Entry, passes, plan_batch
 from server.engine.llama.buffer import BatchBuffer
 from server.engine.llama.context import ContextConfig, context_params, create_context
-from server.engine.llama.jobs import Choice, Job, JobStream, deliver_all
+from server.engine.llama.jobs import (
+    Choice,
+    Job,
+    JobStream,
+    deliver_all,
+    prepare_job,
+    stop_token_ids,
+)
 from server.engine.llama.logits import LogitReader
 from server.engine.llama.native import NativeModel
-from server.engine.llama.sampling import SequenceSampler, parse_grammar
+from server.engine.llama.sampling import SequenceSampler
 from server.engine.llama.slots import SlotPool
-from server.engine.llama.vocab import check_tokens, read_prompt
+from server.engine.llama.speculative import Speculation, Speculator, drop_rejected
+from server.engine.llama.vocab import read_prompt
 from server.engine.textstream import StopTextStream
 from server.errors import (
-    ContextLengthExceeded,
     EngineFailure,
     InvalidRequest,
     ServerOverloaded,
@@ -51,7 +59,7 @@ class Scheduler:
     """Owns a model's llama_context and runs continuous batching on its own thread."""
 
     def __init__(self, model: NativeModel, config: ContextConfig, name: str,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, speculation: Speculation | None = None) -> None:
         if config.parallel > config.batch_tokens:
             raise EngineFailure(
                 f"parallel ({config.parallel}) is larger than the batch ({config.batch_tokens} "
@@ -82,8 +90,14 @@ class Scheduler:
         self._submitted = 0  # written by the event loop only
         self._dequeued = 0  # written by the scheduler thread only
         self._reported = 0.0  # when the gauges were last refreshed
-        self._model_stop_tokens = self._stop_token_ids(config.stop)
+        self._model_stop_tokens = stop_token_ids(model, config.stop)
         self._logits = LogitReader(self.ctx, model.n_vocab, model.special_piece)
+        try:
+            self._spec = None if speculation is None else \
+                Speculator(model, speculation, config, metrics, name)
+        except Exception:
+            lc.llama_free(self.ctx)
+            raise
         self._metrics.track_waiting(lambda: self.waiting)
         self._thread = threading.Thread(target=self._run, name=f"scheduler:{name}", daemon=True)
         self._thread.start()
@@ -128,39 +142,9 @@ class Scheduler:
                 f"({self.config.parallel}); lower n or raise the 'parallel' setting.", param="n")
 
     def _prepare(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Job:
-        """The request as a Job: its tokens checked against the context, its grammar parsed."""
-        prompt = request.prompt
-        if is_token_ids(prompt):
-            check_tokens(self.model, prompt, "prompt")
-            tokens, bos_added = list(prompt), False
-        else:
-            tokens, bos_added = read_prompt(self.model, prompt)
-        if not tokens:
-            raise InvalidRequest("The prompt is empty; send at least one token of text.",
-                                 param="prompt")
-        room = self.config.n_ctx - len(tokens)
-        wanted = request.max_tokens
-        if room < (0 if wanted == 0 else 1) or (wanted is not None and wanted > room):
-            raise ContextLengthExceeded(n_prompt_tokens=len(tokens), n_ctx=self.config.n_ctx,
-                                        max_tokens=wanted)
-        check_tokens(self.model, request.stop_tokens, "stop")
-        check_tokens(self.model, tuple(request.sampling.logit_bias), "logit_bias")
-        stop_tokens = self._model_stop_tokens | self._stop_token_ids(request.stop) | \
-            frozenset(request.stop_tokens)
-        max_new = min(room, request.default_max_tokens or room) if wanted is None else wanted
-        reservation = len(tokens) + request.n * max_new
-        if reservation > self.kv_cells:
-            raise InvalidRequest(
-                f"n={request.n} choices of up to {max_new} tokens after a "
-                f"{len(tokens)}-token prompt need {reservation} KV cells; this model has "
-                f"{self.kv_cells}. Lower n or max_tokens.", param="n")
-        grammar = None if request.grammar is None else \
-            parse_grammar(self.model.vocab, request.grammar)
         stream = JobStream(loop, lambda: self._inbox.put(_WAKE))
-        preserved = frozenset(t for t in map(self.model.single_token, request.preserved)
-                              if t is not None)
-        return Job(request, tokens, max_new, stop_tokens, stream, bos_added=bos_added,
-                   grammar=grammar, preserved=preserved)
+        return prepare_job(self.model, self.config.n_ctx, self.kv_cells,
+                           self._model_stop_tokens, request, stream)
 
     @property
     def waiting(self) -> int:
@@ -173,12 +157,10 @@ class Scheduler:
         self._inbox.put(None)
         self._thread.join()
         lc.llama_free(self.ctx)
+        if self._spec:
+            self._spec.close()
 
     # ---- the scheduler thread -------------------------------------------------------------
-
-    def _stop_token_ids(self, stops: tuple[str, ...]) -> frozenset[int]:
-        ids = (self.model.single_token(s) for s in stops if s)
-        return frozenset(i for i in ids if i is not None)
 
     def _run(self) -> None:
         try:
@@ -210,9 +192,21 @@ class Scheduler:
             return
         self._reported = now
         running = [c for job in self._running for c in job.choices if c.finish is None]
-        held = sum(job.prefilled + len(c.fed) for job in self._running for c in job.choices
-                   if c.finish is None) + self._slots.idle_cells()
-        self._metrics.report(len(running), held, self.kv_cells)
+        self._metrics.report(len(running), self._cells_in_use(), self.kv_cells,
+                             self._slots.idle_cells())
+
+    def _cells_in_use(self) -> int:
+        """KV cells the running requests hold: each unfinished choice's output, and its
+        prompt once per KV stream that holds it (once per request in a unified cache, whose
+        choices share the prompt's cells). Idle slots' cached prefixes are not counted: a new
+        request evicts them when it needs the room, as vLLM counts its cached free blocks."""
+        cells = 0
+        for job in self._running:
+            live = [c for c in job.choices if c.finish is None]
+            streams = min(len(live), 1) if self.config.kv_unified else \
+                sum(1 for c in live if c.has_prompt or c.index == 0)
+            cells += job.prefilled * streams + sum(len(c.fed) for c in live)
+        return cells
 
     def _receive(self) -> bool:
         """Take new requests from the inbox, blocking while idle; False once closing."""
@@ -271,15 +265,16 @@ class Scheduler:
         grammar = job.grammar and lc.llama_sampler_clone(job.grammar)
         sampler = SequenceSampler(job.request.sampling, self.model.n_vocab, choice_seed, grammar)
         sampler.prime(job.tokens)
+        spec = None if self._spec is None else self._spec.start(job)
         # In the decode graph unless the request reads the raw logits (log-probabilities), has
-        # a grammar (llama.cpp keeps that chain on the CPU), or samples n > 1 choices: their
+        # a grammar (llama.cpp keeps that chain on the CPU), samples n > 1 choices (their
         # first tokens all come from the prompt's last row, in the first choice's sequence,
-        # which a backend sampler would answer for all of them.
+        # which a backend sampler would answer for all of them), or speculates.
         if self.config.backend_sampling and job.request.logprobs is None and \
-                not job.wants_prompt_logits and job.request.n == 1:
+                not job.wants_prompt_logits and job.request.n == 1 and spec is None:
             sampler.attach(self.ctx, seq_id)
         return Choice(index, seq_id, sampler, StopTextStream(self.config.stop + job.request.stop),
-                      job)
+                      job, spec=spec)
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -289,10 +284,12 @@ class Scheduler:
         decoding = [c for job in self._running if not job.prefilling for c in job.choices
                     if c.finish is None]
         prefilling = [job for job in self._running if job.prefilling]
+        drafted = self._spec.plan(decoding, self.config.batch_tokens, bool(prefilling)) \
+            if self._spec else None
         entries = plan_batch(
             [(k, c.seq_id) for k, c in enumerate(decoding)],
             [(k, job.choices[0].seq_id, len(job.tokens) - job.prefilled)
-             for k, job in enumerate(prefilling)], self.config.batch_tokens)
+             for k, job in enumerate(prefilling)], self.config.batch_tokens, drafted)
         rows = self._fill(entries, decoding, prefilling)
         # The last step's events go out now, just before llama_decode lets go of the GIL: the
         # event loop wakes to a free interpreter instead of waiting for this thread's Python.
@@ -304,13 +301,13 @@ class Scheduler:
             self._fail_batch(entries, decoding, prefilling, status)
             return
         self._commit(entries, decoding, prefilling)
-        self._sample(rows)
+        emitted = self._sample(rows)
         if not any(c.finish is None for job in self._running for c in job.choices):
             self._deliver()  # no next step to carry them
         self._metrics.stepped(len(rows), self._buffer.n, decoded - filled,
                               time.perf_counter() - began - (decoded - filled),
                               passes(entries, self.config.batch_tokens,
-                                     sequential=not self.config.kv_unified))
+                                     sequential=not self.config.kv_unified), emitted)
 
     def _fill(self, entries: list[Entry], decoding: list[Choice],
               prefilling: list[Job]) -> list[tuple[Job, Choice, int]]:
@@ -328,10 +325,16 @@ class Scheduler:
                 run.clear()
 
         for entry in entries:
-            if not entry.prefill:
+            if not entry.prefill and entry.size == 1:
                 run.append(decoding[entry.key])
                 continue
             flush_run()
+            if not entry.prefill:  # the next token and its drafts, each with logits
+                c = decoding[entry.key]
+                draft = c.spec.draft if c.spec else []
+                rows.append((c.job, c, buffer.add_tokens([c.next_token, *draft], c.pos,
+                                                         [c.seq_id], True)))
+                continue
             job = prefilling[entry.key]
             # Separate KV streams cannot share cells: the first choice reads the prompt and
             # the others get a copy of its stream once it is read (_share_prompt).
@@ -395,12 +398,15 @@ class Scheduler:
         first = b"" if job.bos_added else self.model.special_piece(tokens[0])
         job.pending.append(PromptTokens((TokenLogprob(tokens[0], first, None), *rest)))
 
-    def _sample(self, rows: list[tuple[Job, Choice, int]]) -> None:
-        """Pick each row's next token (and its log-probability when the request asks)."""
-        sampled = []
+    def _sample(self, rows: list[tuple[Job, Choice, int]]) -> int:
+        """Pick each row's next token (and its log-probability when the request asks), or
+        verify a choice's drafts; how many tokens the choices gained."""
+        sampled, emitted = [], 0
         for job, choice, index in rows:
             if job.max_new == 0:  # only reading the prompt (echo with max_tokens 0)
                 self._finish(job, choice, "length")
+            elif choice.spec and choice.spec.draft:
+                emitted += self._take_drafted(job, choice, index)
             else:
                 rejected = choice.sampler.rejections
                 sampled.append((job, choice, index, choice.sampler.sample(self.ctx, index)))
@@ -411,6 +417,23 @@ class Scheduler:
             choice.logprobs.append(entry)
         for job, choice, _, token in sampled:
             self._advance(job, choice, token)
+        return emitted + len(sampled)
+
+    def _take_drafted(self, job: Job, choice: Choice, row: int) -> int:
+        """Verify the choice's drafts (its rows from `row` on) and emit the tokens accepted;
+        the KV of the rejected ones goes. How many tokens it emitted."""
+        assert self._spec is not None
+        tokens = self._spec.verify(choice, self.ctx, row,
+                                   lambda t: self.model.is_eog(t) or t in job.stop_tokens)
+        for k, token in enumerate(tokens):
+            if k:  # the draft token before it is the sequence's now
+                choice.fed.append(tokens[k - 1])
+                choice.pos += 1
+            self._advance(job, choice, token)
+            if choice.finish is not None:
+                break
+        drop_rejected(self._memory, choice)
+        return k + 1
 
     def _score_rows(self, rows: list[tuple[Job, Choice, int, int]]) -> list[TokenLogprob]:
         return self._logits.score([r for _, _, r, _ in rows], [t for *_, t in rows],

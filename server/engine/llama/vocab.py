@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import llama_cpp as lc
 
 from server.chat.template import Prompt
-from server.engine.base import TokenizerInfo
+from server.engine.base import InfillTokens, TokenizerInfo
 from server.engine.llama.native import NativeModel
 from server.errors import UnknownToken
 
@@ -84,7 +84,24 @@ def tokenizer_info(model: NativeModel) -> TokenizerInfo:
         bos_token=text(model.bos), eos_token=text(model.eos),
         pad_token=text(int(lc.llama_vocab_pad(model.vocab))),  # -1: none
         unk_token=text(int(unk)) if unk and unk.lstrip("-").isdigit() else None,
-        add_bos=model.add_bos)
+        add_bos=model.add_bos, infill=infill_tokens(model))
+
+
+def infill_tokens(model: NativeModel) -> InfillTokens | None:
+    """The vocabulary's FIM tokens (llama.cpp finds them by metadata key or by their text),
+    or None when it lacks a prefix, suffix or middle token."""
+    v = model.vocab
+
+    def token(found: int) -> int | None:
+        return None if found == lc.LLAMA_TOKEN_NULL else found
+
+    pre, suf, mid = (token(int(get(v))) for get in (
+        lc.llama_vocab_fim_pre, lc.llama_vocab_fim_suf, lc.llama_vocab_fim_mid))
+    if pre is None or suf is None or mid is None:
+        return None
+    return InfillTokens(pre, suf, mid, repo=token(int(lc.llama_vocab_fim_rep(v))),
+                        file_sep=token(int(lc.llama_vocab_fim_sep(v))),
+                        bos=model.bos if model.add_bos and model.bos >= 0 else None)
 
 
 def read_prompt(model: NativeModel, prompt: Prompt,
