@@ -79,9 +79,10 @@ def test_invalid_tools_name_their_param(tools: Any, tool_choice: Any, parallel: 
 def test_a_non_strict_tool_keeps_what_no_grammar_enforces_out_of_its_grammar() -> None:
     """Claude Code's WebFetch has "format": "uri"; MCP tools carry "minimum" and the like:
     a non-strict tool is offered with its whole schema, and its grammar leaves those out."""
-    parameters = {"type": "object", "required": ["url", "n"], "properties": {
+    parameters = {"type": "object", "required": ["url", "n", "script"], "properties": {
         "url": {"type": "string", "format": "uri"},
-        "n": {"type": "integer", "minimum": 1, "maximum": 9}}}
+        "n": {"type": "integer", "minimum": 1, "maximum": 9},
+        "script": {"type": "string", "maxLength": 524288}}}  # Claude Code's Workflow tool
     plan = plan_tools([function(parameters=parameters)], "required", None)
     assert plan is not None and plan.functions[0].spec()["function"]["parameters"] == parameters
     assert '"url"' in plan.gbnf.replace("\\", "") and "uri" not in plan.gbnf

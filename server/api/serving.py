@@ -260,6 +260,9 @@ async def collect_all(generations: Sequence[Generation], n: int,
             task.cancel()
         if watcher is not None:
             watcher.cancel()
+        # A client gone first leaves the gathering future to fail with the tasks' cancellation:
+        # read it, or asyncio logs "exception was never retrieved" for every such request.
+        gathered.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 async def _disconnect(request: Request) -> None:

@@ -40,14 +40,19 @@ UNSUPPORTED = frozenset({
 FORMATS = frozenset({"date", "time", "date-time", "uuid", *(f"uuid{n}" for n in range(1, 6))})
 
 
+_COUNTS = frozenset({"minLength", "maxLength", "minItems", "maxItems"})
+
+
 def enforceable(schema: Any) -> Any:
     """`schema` less the assertions a grammar cannot enforce (UNSUPPORTED keywords, formats
-    other than FORMATS): what a non-strict tool's arguments are held to."""
+    other than FORMATS, length and count bounds past MAX_REPEAT, such as Claude Code's
+    `"maxLength": 524288`): what a non-strict tool's arguments are held to."""
     if not isinstance(schema, dict):
         return schema
     kept: dict[str, Any] = {}
     for key, value in schema.items():
-        if key in UNSUPPORTED or (key == "format" and str(value) not in FORMATS):
+        if key in UNSUPPORTED or (key == "format" and str(value) not in FORMATS) or (
+                key in _COUNTS and isinstance(value, int) and value > MAX_REPEAT):
             continue
         if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
             value = {name: enforceable(sub) for name, sub in value.items()}

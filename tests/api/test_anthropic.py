@@ -132,6 +132,36 @@ async def test_system_and_text_blocks_reach_the_prompt(client: anthropic.AsyncAn
         "<|im_start|>user\nBonjour\n\nça va ?<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("billing", [
+    "x-anthropic-billing-header: cc_version=2.1.101.e51; cc_entrypoint=cli; cch=a5145;",
+    # Claude Code 2.1.197 sends no cch= stamp; its cc_version suffix follows the user's prompt.
+    "x-anthropic-billing-header: cc_version=2.1.197.73f; cc_entrypoint=sdk-cli;",
+])
+async def test_the_billing_line_leaves_the_prompt_the_same(
+        client: anthropic.AsyncAnthropic, engine: FakeEngine, billing: str) -> None:
+    await client.messages.create(
+        model="fake-model", max_tokens=50, messages=USER,
+        system=[{"type": "text", "text": billing}, {"type": "text", "text": "You are terse."}])
+    assert prompt_of(engine).startswith("<|im_start|>system\nYou are terse.<|im_end|>\n")
+
+
+async def test_a_mid_conversation_system_message_stays_in_place(
+        http: httpx.AsyncClient, engine: FakeEngine) -> None:
+    # Claude Code 2.1.197 (beta mid-conversation-system-2026-04-07) ends its messages with one.
+    response = await http.post("/v1/messages?beta=true", json={
+        "model": "fake-model", "max_tokens": 50, "system": "You are terse.",
+        "messages": [*USER, {"role": "assistant", "content": "Hello."},
+                     {"role": "user", "content": "Name a tool."},
+                     {"role": "system", "content": [{"type": "text", "text": "Agents: Explore."},
+                                                    {"type": "text", "text": "Be brief."}]}]},
+        headers={"anthropic-beta": "mid-conversation-system-2026-04-07"})
+    assert response.status_code == 200, response.text
+    assert prompt_of(engine) == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nName a tool.<|im_end|>\n"
+        "<|im_start|>system\nAgents: Explore.\n\nBe brief.<|im_end|>\n<|im_start|>assistant\n")
+
+
 async def test_sampling_fields_reach_the_engine(client: anthropic.AsyncAnthropic,
                                                 engine: FakeEngine) -> None:
     # Anthropic's API takes them; this SDK's create() no longer names them.
@@ -311,6 +341,8 @@ async def test_a_key_in_x_api_key(engine: FakeEngine, tmp_path: Path) -> None:
         {"type": "image", "source": {"type": "url", "url": "http://x/a.png"}}]}]}, "text only"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
     ({"messages": [*USER, {"role": "assistant", "content": "Sure:"}]}, "prefill"),
+    ({"messages": [*USER, {"role": "system", "content": [
+        {"type": "tool_result", "tool_use_id": "t1", "content": "x"}]}]}, "text blocks only"),
     ({"messages": [{"role": "user", "content": [
         {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}]}, "assistant message"),
     ({"temperature": 1.5}, "temperature"),

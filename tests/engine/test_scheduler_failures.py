@@ -206,5 +206,6 @@ def test_a_non_streamed_request_stops_when_its_client_goes(smollm2_path: Path,
         with httpx.Client(base_url=live.url) as client:  # and it keeps serving
             assert client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi",
                                                         "max_tokens": 2}).is_success
+        assert "never retrieved" not in live.log.read_text()  # the left request's futures
     finally:
         live.stop()

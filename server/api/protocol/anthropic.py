@@ -60,7 +60,9 @@ ContentBlockParam = Annotated[
 
 
 class MessageParam(BaseModel):
-    role: Literal["user", "assistant"]
+    # "system": a mid-conversation system message (Anthropic's `mid-conversation-system`
+    # beta, which Claude Code sends), text only; a system message at that place in the chat.
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlockParam]
 
 

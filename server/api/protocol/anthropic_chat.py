@@ -27,10 +27,11 @@ from server.api.protocol.anthropic import (
 from server.api.protocol.openai_chat import ChatCompletionRequest
 from server.errors import InvalidRequest
 
-# Claude Code starts its system prompt with a billing line whose `cch=` stamp changes on every
-# request: it means nothing to a local model, and left in it would defeat prefix caching
-# (llama.cpp PR 21793 neutralises it the same way).
-_BILLING_HEADER = re.compile(r"\Ax-anthropic-billing-header:[^\n]*?cch=[^;\n]*;\s*")
+# Claude Code starts its system prompt with a billing line of `key=value;` fields whose stamps
+# change between requests (`cch=`, and the `cc_version` suffix, which follows the first user
+# message): it means nothing to a local model, and left in it would defeat prefix caching
+# (llama.cpp PR 21793 neutralises it the same way). Text after the fields stays.
+_BILLING_HEADER = re.compile(r"\Ax-anthropic-billing-header:(?:[ \t]*[\w.-]+=[^;\n]*;)*\s*")
 # Blocks that only one side of the conversation writes.
 _BLOCK_ROLES = {"tool_use": "assistant", "thinking": "assistant",
                 "redacted_thinking": "assistant", "tool_result": "user"}
@@ -83,6 +84,9 @@ def _chat_messages(message: MessageParam, where: str) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for j, block in enumerate(message.content):
         here = f"{where}.content.{j}"
+        if message.role == "system" and not isinstance(block, TextBlockParam):
+            raise InvalidRequest("A system message holds text blocks only, not "
+                                 f"'{block.type}'.", param=here)
         if _BLOCK_ROLES.get(block.type, message.role) != message.role:
             raise InvalidRequest(f"A '{block.type}' block belongs in a "
                                  f"{_BLOCK_ROLES[block.type]} message, not a {message.role} "
