@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import install_error_handlers, unexpected_error_response
-from server.api.protocol.common import IGNORED_FIELDS
+from server.api.protocol.common import IGNORED_FIELDS, printable
 from server.api.routes import (
     admin,
     anthropic,
@@ -177,7 +177,9 @@ class ObserveRequests:
                 status, started = message["status"], True
                 extra = [(b"x-request-id", request_id.encode("latin-1"))]
                 if ignored:
-                    extra.append((b"x-ignored-fields", ", ".join(ignored).encode("ascii")))
+                    # printable ASCII whoever reported them (a dialect's own options too)
+                    names = ", ".join(printable(name) for name in ignored)
+                    extra.append((b"x-ignored-fields", names.encode("ascii")))
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 

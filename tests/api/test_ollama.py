@@ -312,3 +312,13 @@ def test_the_header_reader_agrees_with_the_gguf_package(tmp_path: Path) -> None:
     cut.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="cut short"):
         read_metadata(cut)
+
+
+async def test_odd_option_names_are_reported_in_printable_ascii(http: httpx.AsyncClient) -> None:
+    """schemathesis found it: a control character or non-ASCII letter in an ignored option's
+    name broke the X-Ignored-Fields header and the response with it (a 500)."""
+    reply = await http.post("/api/chat", json={
+        "model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": False,
+        "options": {"\u0004caf\u00e9": 1, "typical_p": 0.5}})
+    assert reply.status_code == 400 and "typical_p" in reply.json()["error"]
+    assert reply.headers["x-ignored-fields"] == "options.\\x04caf\\xe9"

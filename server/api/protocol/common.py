@@ -69,7 +69,7 @@ class RequestBody(BaseModel):
 
     @model_validator(mode="after")
     def _report_unknown(self) -> Self:
-        names = [_printable(name) for name in self.model_extra or ()]
+        names = [printable(name) for name in self.model_extra or ()]
         if names:
             shown = names[:_MAX_REPORTED] + ([f"(+{len(names) - _MAX_REPORTED})"]
                                              if len(names) > _MAX_REPORTED else [])
@@ -80,7 +80,7 @@ class RequestBody(BaseModel):
         return self
 
 
-def _printable(name: str) -> str:
+def printable(name: str) -> str:
     """`name` in printable ASCII, for a header or a log line (a client picks any field name;
     a control character in a header value makes the HTTP server drop the connection)."""
     escaped = name.encode("ascii", "backslashreplace").decode("ascii")
@@ -97,7 +97,7 @@ def _lone_surrogate(value: Any, path: str = "") -> str | None:
     elif isinstance(value, list):
         items = enumerate(value)
     for key, item in items:
-        here = f"{path}.{_printable(str(key))}" if path else _printable(str(key))
+        here = f"{path}.{printable(str(key))}" if path else printable(str(key))
         if isinstance(key, str) and _SURROGATE.search(key):
             return here
         if (found := _lone_surrogate(item, here)) is not None:
