@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import install_error_handlers, unexpected_error_response
 from server.api.protocol.common import IGNORED_FIELDS, printable
+from server.api.response_store import ResponseStore
 from server.api.routes import (
     admin,
     anthropic,
@@ -76,6 +77,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
     app.state.registry = registry
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.responses = ResponseStore()  # recent /v1/responses, for previous_response_id
     app.state.accepting = False
     install_error_handlers(app)
     open_routers = [health.router] + ([] if settings.metrics_require_key

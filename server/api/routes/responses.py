@@ -8,12 +8,12 @@ the output items (api/protocol/openai_responses_output.py).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from server.api.conversation import ChatRun, start_chat
-from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
+from server.api.deps import EngineDep, MetricsDep, RegistryDep, ResponseStoreDep, SettingsDep
 from server.api.errors import error_body, internal_error_body
 from server.api.protocol.common import ERROR_RESPONSES, streamed
 from server.api.protocol.openai_responses import ResponsesRequest, input_messages
@@ -24,7 +24,6 @@ from server.api.protocol.openai_responses_output import (
     ResponseError,
     new_id,
 )
-from server.api.response_store import ResponseStore
 from server.api.serving import collect_all
 from server.api.sse import EventStream, sse_event, stream_response
 from server.engine.base import ChoiceFinished, FinishReason, TextDelta, Usage
@@ -33,21 +32,9 @@ from server.errors import InvalidRequest, ServerError
 router = APIRouter()
 
 
-def _store(request: Request) -> ResponseStore:
-    """The app's store of recent responses, made on first use."""
-    state = request.app.state
-    if getattr(state, "responses", None) is None:
-        state.responses = ResponseStore()
-    store: ResponseStore = state.responses
-    return store
-
-
-StoreDep = Annotated[ResponseStore, Depends(_store)]
-
-
 @router.post("/v1/responses", response_model=None, responses=streamed(Response))
 async def create_response(body: ResponsesRequest, engine: EngineDep, registry: RegistryDep,
-                          metrics: MetricsDep, settings: SettingsDep, store: StoreDep,
+                          metrics: MetricsDep, settings: SettingsDep, store: ResponseStoreDep,
                           http: Request) -> Response | EventStream:
     earlier = store.get(body.previous_response_id, "previous_response_id").history \
         if body.previous_response_id else ()
@@ -81,12 +68,12 @@ async def create_response(body: ResponsesRequest, engine: EngineDep, registry: R
 
 @router.get("/v1/responses/{response_id}", responses={200: {"model": Response},
                                                        404: ERROR_RESPONSES[404]})
-async def get_response(response_id: str, store: StoreDep) -> Response:
+async def get_response(response_id: str, store: ResponseStoreDep) -> Response:
     return store.get(response_id).response
 
 
 @router.delete("/v1/responses/{response_id}", responses={404: ERROR_RESPONSES[404]})
-async def delete_response(response_id: str, store: StoreDep) -> dict[str, Any]:
+async def delete_response(response_id: str, store: ResponseStoreDep) -> dict[str, Any]:
     store.get(response_id)  # a 404 for an unknown id
     store.delete(response_id)
     return {"id": response_id, "object": "response", "deleted": True}

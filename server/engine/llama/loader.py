@@ -53,6 +53,10 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
     host's GPUs; blocking: run it in a worker thread)."""
     device = "+".join(d.name for d, used in zip(devices, plan.devices, strict=False)
                       if used) or "cpu"
+    if spec.cache_type_v != "f16" and settings.flash_attn == "off":
+        raise ModelLoadFailed(f"model '{spec.id}': a {spec.cache_type_v} V cache needs flash "
+                              "attention, which GGSERVE_FLASH_ATTN=off turns off: use auto or "
+                              "on, or cache_type_v: f16")
     log.info("loading model %s from %s (%d of %d layers on %s)", spec.id, path,
              plan.gpu_layers, plan.n_layer, device)
     model = NativeModel(
@@ -65,11 +69,6 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
         log.warning("model %s: n_ctx %d is beyond its training context %d and no RoPE "
                     "scaling is set in models.yaml; output may degrade past %d tokens",
                     spec.id, n_ctx, model.n_ctx_train, model.n_ctx_train)
-    if spec.cache_type_v != "f16" and settings.flash_attn == "off":
-        model.close()
-        raise ModelLoadFailed(f"model '{spec.id}': a {spec.cache_type_v} V cache needs flash "
-                              "attention, which GGSERVE_FLASH_ATTN=off turns off: use auto or "
-                              "on, or cache_type_v: f16")
     config = ContextConfig(
         n_ctx=n_ctx, parallel=settings.parallel, batch_tokens=settings.batch_tokens,
         threads=settings.threads, rope=_rope_params(spec), stop=spec.stop,

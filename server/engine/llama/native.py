@@ -121,10 +121,6 @@ class NativeModel:
         self.bos = int(lc.llama_vocab_bos(self.vocab))
         self.eos = int(lc.llama_vocab_eos(self.vocab))
         self.weights_bytes = int(lc.llama_model_size(ptr))
-        head = int(lc.llama_model_n_embd(ptr)) // max(1, int(lc.llama_model_n_head(ptr)))
-        # K and V, f16, for every layer: what one token position costs in the KV cache.
-        self.kv_bytes_per_token = (2 * 2 * int(lc.llama_model_n_layer(ptr)) * head
-                                   * int(lc.llama_model_n_head_kv(ptr)))
         self._pieces: dict[int, bytes] = {}
         self._output_pieces: dict[int, bytes] = {}
 
