@@ -7,6 +7,7 @@ never prompt text, a user, or a model name a client made up.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -30,6 +31,9 @@ class Metrics:
 
     def __init__(self, vllm_names: bool = False) -> None:
         self.registry = CollectorRegistry()
+        # A scrape and a scheduler's gauge refresh exclude each other: the KV gauges of one
+        # scrape (and the vLLM-named usage summed from them) come from the same moment.
+        self.snapshot = threading.Lock()
         r = self.registry
         self.http_requests = Counter(
             f"{PREFIX}http_requests", "HTTP requests by route and status class",
@@ -59,6 +63,15 @@ class Metrics:
         self.prompt_tokens_cached = Counter(
             f"{PREFIX}prompt_tokens_cached", "Prompt tokens whose KV was reused (prefix cache)",
             ["model"], registry=r)
+        self.prompt_cache_restores = Counter(
+            f"{PREFIX}prompt_cache_restores", "Prefixes restored from the prompt cache (host RAM "
+            "or disk) instead of read again", ["model"], registry=r)
+        self.prompt_cache_restored_tokens = Counter(
+            f"{PREFIX}prompt_cache_restored_tokens", "Prompt tokens restored from the prompt "
+            "cache", ["model"], registry=r)
+        self.prompt_cache_bytes = Gauge(
+            f"{PREFIX}prompt_cache_bytes", "Sequence states the prompt cache holds, by store "
+            "(ram, disk)", ["model", "store"], registry=r)
         self.kv_cache_tokens = Gauge(
             f"{PREFIX}kv_cache_tokens", "KV cache cells held by running requests",
             ["model"], registry=r)
@@ -131,7 +144,8 @@ class Metrics:
             self.registry.register(_VllmNames(self))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        with self.snapshot:
+            return generate_latest(self.registry)
 
     def forget(self, model: str) -> None:
         """Drop an unloaded model's gauges (a stale budget would skew the vLLM-named usage)."""
@@ -140,7 +154,8 @@ class Metrics:
                   self.decode_throughput)
         series = [(gauge, (model,)) for gauge in gauges] + [
             (self.model_memory, (model, part, device))
-            for part in ("weights", "kv_cache") for device in ("cpu", "gpu")]
+            for part in ("weights", "kv_cache") for device in ("cpu", "gpu")] + [
+            (self.prompt_cache_bytes, (model, store)) for store in ("ram", "disk")]
         for gauge, labels in series:
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
@@ -202,6 +217,12 @@ class SchedulerMetrics:
         self._batch_tokens = metrics.step_batch_tokens.labels(model)
         self._split = metrics.step_split.labels(model)
         self.grammar_rejections = metrics.grammar_rejections.labels(model)
+        self._cache_restores = metrics.prompt_cache_restores.labels(model)
+        self._cache_restored = metrics.prompt_cache_restored_tokens.labels(model)
+        self._cache_ram = metrics.prompt_cache_bytes.labels(model, "ram")
+        self._cache_disk = metrics.prompt_cache_bytes.labels(model, "disk")
+        self._cache_seen = (0, 0)  # restores and tokens already counted
+        self._snapshot = metrics.snapshot
 
     def stepped(self, sampled: int, tokens: int, decode_s: float, host_s: float,
                 passes: int, emitted: int | None = None) -> None:
@@ -224,14 +245,23 @@ class SchedulerMetrics:
         and must agree with what /ready says at the same moment."""
         self._waiting.set_function(waiting)
 
+    def report_cache(self, restores: int, tokens: int, ram: int, disk: int) -> None:
+        """The prompt cache's totals so far and the bytes it holds."""
+        self._cache_restores.inc(restores - self._cache_seen[0])
+        self._cache_restored.inc(tokens - self._cache_seen[1])
+        self._cache_seen = (restores, tokens)
+        self._cache_ram.set(ram)
+        self._cache_disk.set(disk)
+
     def report(self, running: int, kv_tokens: int, kv_capacity: int, prefix_tokens: int) -> None:
         """`kv_tokens` cells of `kv_capacity` held by running requests; `prefix_tokens` kept
         by idle sequences for reuse, which a new request frees when it needs the room."""
-        self._running.set(running)
-        self._kv_tokens.set(kv_tokens)
-        self._kv_usage.set(kv_tokens / kv_capacity if kv_capacity else 0.0)
-        self._kv_capacity.set(kv_capacity)
-        self._kv_prefix.set(prefix_tokens)
+        with self._snapshot:
+            self._running.set(running)
+            self._kv_tokens.set(kv_tokens)
+            self._kv_usage.set(kv_tokens / kv_capacity if kv_capacity else 0.0)
+            self._kv_capacity.set(kv_capacity)
+            self._kv_prefix.set(prefix_tokens)
         horizon = time.monotonic() - self.WINDOW
         while self._recent and self._recent[0][0] < horizon:
             self._recent_total -= self._recent.popleft()[1]

@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     # chain they replace (docs/benchmarks.md, "Backend sampling").
     backend_sampling: Literal["auto", "on", "off"] = "off"
     threads: int = Field(default_factory=_default_threads, ge=1)
+    # The prompt cache (README "Prompt cache"): a slot's KV, when a new request takes the slot,
+    # is saved as llama.cpp sequence state in host RAM (least recently used out first) and, with
+    # a directory, on disk across restarts; a later prompt that starts alike restores it
+    # instead of reading it again. Per loaded model, outside memory_budget.
+    prompt_cache_mb: int = Field(2048, ge=0, description="host RAM per model for evicted "
+                                 "prefixes, MiB (0: off)")
+    prompt_cache_min_tokens: int = Field(256, ge=1, description="shortest prefix worth saving")
+    prompt_cache_dir: Path | None = None
+    prompt_cache_disk_mb: int = Field(16384, ge=0, description="disk per model, MiB")
     # Speculative decoding (README "Speculative decoding"): "registry" as each models.yaml entry
     # says (`draft`, `speculative`); "ngram" also turns prompt lookup on for every entry that
     # has no `speculative` of its own; "off" for none.

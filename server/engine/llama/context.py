@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp as lc
 
 from server.engine.llama.gguf import KV_TYPES
 from server.engine.llama.native import NativeModel
+from server.engine.llama.prompt_cache import PromptCacheConfig
 from server.errors import EngineFailure
 
 _ROPE_SCALING = {"none": 0, "linear": 1, "yarn": 2}
@@ -36,6 +37,7 @@ class ContextConfig:
     backend_sampling: bool = False  # sampler chains in the decode graph where requests allow
     cache_type_k: str = "f16"  # the KV cache's types (gguf.KV_TYPES)
     cache_type_v: str = "f16"
+    prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)  # RAM, disk
 
 
 def context_params(config: ContextConfig) -> Any:

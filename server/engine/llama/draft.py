@@ -20,8 +20,8 @@ import numpy as np
 from server.engine.llama.buffer import BatchBuffer
 from server.engine.llama.context import ContextConfig, context_params, create_context
 from server.engine.llama.native import NativeModel
+from server.engine.llama.prefix import common_prefix
 from server.engine.llama.sampling import logits_row
-from server.engine.llama.slots import common_prefix
 from server.errors import ModelLoadFailed
 
 log = logging.getLogger("server.engine")

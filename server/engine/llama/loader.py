@@ -18,6 +18,7 @@ from server.engine.llama.draft import load_draft
 from server.engine.llama.embedder import Embedder
 from server.engine.llama.gguf import GGUFInfo
 from server.engine.llama.native import NativeModel, repack_enabled
+from server.engine.llama.prompt_cache import PromptCacheConfig
 from server.engine.llama.scheduler import Scheduler
 from server.engine.llama.speculative import Speculation
 from server.engine.llama.vocab import special_texts, tokenizer_info
@@ -78,6 +79,10 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
         max_waiting=settings.max_waiting, kv_unified=settings.kv_unified,
         flash_attn=settings.flash_attn,
         cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
+        prompt_cache=PromptCacheConfig(
+            ram_bytes=settings.prompt_cache_mb << 20,
+            min_tokens=settings.prompt_cache_min_tokens, disk_dir=settings.prompt_cache_dir,
+            disk_bytes=settings.prompt_cache_disk_mb << 20),
         backend_sampling=settings.backend_sampling == "on" or (
             settings.backend_sampling == "auto" and plan.gpu_layers > 0))
     speculation = None

@@ -114,6 +114,7 @@ class NativeModel:
             why = "; ".join(line.split(": ", 1)[-1] for line in errors[-2:]) or "see the log"
             raise ModelLoadFailed(f"llama.cpp could not load {path.name}: {why}")
         self.ptr = ptr
+        self.path = path
         self.vocab = lc.llama_model_get_vocab(ptr)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(ptr))

@@ -12,6 +12,7 @@ the error at once.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import queue
 import threading
@@ -36,6 +37,7 @@ from server.engine.llama.jobs import (
 )
 from server.engine.llama.logits import LogitReader
 from server.engine.llama.native import NativeModel
+from server.engine.llama.prompt_cache import PromptCache
 from server.engine.llama.sampling import SequenceSampler
 from server.engine.llama.slots import SlotPool
 from server.engine.llama.speculative import Speculation, Speculator, drop_rejected
@@ -82,8 +84,10 @@ class Scheduler:
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
-        self._slots = SlotPool(_Memory(self._memory), config.parallel,
-                               share_cells=config.kv_unified)
+        self._cache = PromptCache(config.prompt_cache, _fingerprint(model, config)) \
+            if config.prompt_cache.enabled else None
+        self._slots = SlotPool(_Memory(self.ctx, self._memory), config.parallel,
+                               share_cells=config.kv_unified, cache=self._cache)
         self._reserved = 0
         self._closing = False
         self.failure: str | None = None  # why the scheduler thread died, if it did
@@ -156,6 +160,10 @@ class Scheduler:
         self._closing = True
         self._inbox.put(None)
         self._thread.join()
+        if self._cache is not None:
+            if self._cache.durable:
+                self._slots.persist()  # the slots' caches, for the next start
+            self._cache.close()
         lc.llama_free(self.ctx)
         if self._spec:
             self._spec.close()
@@ -194,6 +202,10 @@ class Scheduler:
         running = [c for job in self._running for c in job.choices if c.finish is None]
         self._metrics.report(len(running), self._cells_in_use(), self.kv_cells,
                              self._slots.idle_cells())
+        if self._cache is not None:
+            cache = self._cache
+            self._metrics.report_cache(cache.hits, cache.restored_tokens, cache.ram_used,
+                                       cache.disk_used)
 
     def _cells_in_use(self) -> int:
         """KV cells the running requests hold: each unfinished choice's output, and its
@@ -527,10 +539,20 @@ class Scheduler:
         self._waiting.clear()
 
 
+def _fingerprint(model: NativeModel, config: ContextConfig) -> str:
+    """What a saved sequence state depends on: the model file, the KV cache's types and its
+    streams, and the llama.cpp that wrote it."""
+    stat = model.path.stat()
+    streams = 1 if config.kv_unified else config.parallel
+    return (f"{model.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{config.cache_type_k}|"
+            f"{config.cache_type_v}|{streams}|llama-cpp-python {lc.__version__}")
+
+
 class _Memory:
     """A context's KV cache as the slot pool uses it."""
 
-    def __init__(self, memory: Any) -> None:
+    def __init__(self, ctx: Any, memory: Any) -> None:
+        self._ctx = ctx
         self._memory = memory
 
     def remove(self, seq_id: int, start: int) -> None:
@@ -538,3 +560,16 @@ class _Memory:
 
     def copy(self, src: int, dst: int, end: int) -> None:
         lc.llama_memory_seq_cp(self._memory, src, dst, 0, end)
+
+    def save(self, seq_id: int) -> bytearray:
+        size = lc.llama_state_seq_get_size(self._ctx, seq_id)
+        data = bytearray(size)  # written in place: a 2,000-token state is tens of MB
+        written = lc.llama_state_seq_get_data(
+            self._ctx, (ctypes.c_uint8 * size).from_buffer(data), size, seq_id)
+        del data[written:]
+        return data
+
+    def restore(self, seq_id: int, data: bytearray) -> bool:
+        source = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        restored: int = lc.llama_state_seq_set_data(self._ctx, source, len(data), seq_id)
+        return restored == len(data)

@@ -7,14 +7,17 @@ rest: the next turn of a chat, or the same system prompt, skips re-reading what 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# Prefixes are indexed in blocks of this many tokens: finding the slot that shares the longest
-# prefix with a prompt hashes the prompt once (O(prompt)) instead of comparing it with every
-# slot's cache token by token in Python.
-BLOCK = 64
+from server.engine.llama.prefix import BLOCK, PrefixIndex, common_prefix
+from server.engine.llama.prompt_cache import PromptCache
+
+__all__ = ["BLOCK", "KvMemory", "SlotPool", "common_prefix"]
+
+# A cached prefix shorter than this (or than half the prompt) is not worth taking a slot out of
+# order for: re-reading it costs less than splitting the batch.
+MIN_REUSE = 32
 
 
 class KvMemory(Protocol):
@@ -26,49 +29,31 @@ class KvMemory(Protocol):
     def copy(self, src: int, dst: int, end: int) -> None:
         """Share (or copy) `src`'s cells of positions [0, end) into `dst`."""
 
+    def save(self, seq_id: int) -> bytearray:
+        """The sequence's state (llama_state_seq_get_data)."""
+
+    def restore(self, seq_id: int, data: bytearray) -> bool:
+        """Replace the sequence's cells with a saved state; False if it could not."""
+
 
 @dataclass(eq=False)
 class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens in KV, from position 0
     busy: bool = False
-    keys: list[int] = field(default_factory=list)  # chained hashes of cached's full blocks
-
-
-def block_keys(tokens: list[int], limit: int | None = None) -> Iterator[int]:
-    """Chained hashes of `tokens`' full blocks: key k identifies tokens[:BLOCK * (k + 1)]."""
-    key = 0
-    end = len(tokens) if limit is None else min(limit, len(tokens))
-    for start in range(0, end - BLOCK + 1, BLOCK):
-        key = hash((key, *tokens[start:start + BLOCK]))
-        yield key
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of `a` and `b` (by halving: list comparisons run in C)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-# A cached prefix shorter than this (or than half the prompt) is not worth taking a slot out of
-# order for: re-reading it costs less than splitting the batch.
-MIN_REUSE = 32
+    tag: str | None = None  # what `cached` was computed under (a LoRA adapter; None: base)
 
 
 class SlotPool:
     """Hands out sequence ids; owned and called by the scheduler thread only."""
 
-    def __init__(self, memory: KvMemory, count: int, share_cells: bool) -> None:
+    def __init__(self, memory: KvMemory, count: int, share_cells: bool,
+                 cache: PromptCache | None = None) -> None:
         self._memory = memory
         self._slots = [Slot(seq_id) for seq_id in range(count)]
         self._share_cells = share_cells  # one unified KV cache: sequences can share cells
-        self._index: dict[int, set[int]] = {}  # block key -> seq ids whose cache has it
+        self._index: PrefixIndex[int] = PrefixIndex()  # over the slots' seq ids
+        self._cache = cache
 
     @property
     def idle(self) -> list[Slot]:
@@ -77,22 +62,28 @@ class SlotPool:
     def idle_cells(self) -> int:
         return sum(len(s.cached) for s in self.idle)
 
-    def acquire(self, prompt: list[int], n: int, reuse: bool = True) -> tuple[list[int], int]:
-        """Take `n` idle slots for `prompt`: (their seq ids, prompt tokens already in KV).
+    def acquire(self, prompt: list[int], n: int, reuse: bool = True,
+                tag: str | None = None) -> tuple[list[int], int]:
+        """Take `n` idle slots for `prompt`, read under `tag`: (their seq ids, prompt tokens
+        already in KV).
 
-        The slot caching the longest prefix of the prompt is reused when that prefix is worth
-        it; otherwise the lowest free ids are taken, so that running sequences stay
+        The slot caching the longest prefix of the prompt (under the same tag) is reused when
+        that prefix is worth it, or a saved state from the prompt cache restored when it holds
+        more; otherwise the lowest free ids are taken, so that running sequences stay
         consecutive (llama.cpp decodes consecutive sequences of separate KV streams in one
         ubatch) and the caches in higher slots live longer. At least the prompt's last token is
         always decoded again, for its logits. Without shared cells only the first slot keeps
         the prefix; the scheduler copies the whole prompt to the others once it is read.
         """
         idle = self.idle  # in id order
-        best = self._longest_prefix(prompt, idle)
-        reused = min(common_prefix(best.cached, prompt), len(prompt) - 1)
-        if not reuse or reused < min(MIN_REUSE, len(prompt) // 2):
+        best, reused = self._longest_prefix(prompt, idle, tag) if reuse else (idle[0], 0)
+        if reused < min(MIN_REUSE, len(prompt) // 2):
             best, reused = idle[0], 0
-        self._truncate(best, reused)
+        restored = self._restore(prompt, tag, idle[0], reused) if reuse else None
+        if restored is None:
+            self._truncate(best, reused)
+        else:
+            best, reused = idle[0], restored
         taken = [best, *[s for s in idle if s is not best][:n - 1]]
         for slot in taken[1:]:
             self._truncate(slot, 0)
@@ -100,47 +91,58 @@ class SlotPool:
                 self._memory.copy(best.seq_id, slot.seq_id, reused)
                 slot.cached = prompt[:reused]
         for slot in taken:
-            slot.busy = True
+            slot.busy, slot.tag = True, tag
         return [s.seq_id for s in taken], reused
 
-    def _longest_prefix(self, prompt: list[int], idle: list[Slot]) -> Slot:
-        """The idle slot whose cache shares the most full blocks with `prompt` (ties: the one
-        that also shares more of the next block; then the lowest id)."""
-        candidates = {s.seq_id for s in idle}
-        depth = 0
-        for key in block_keys(prompt):
-            holders = self._index.get(key, set()) & candidates
-            if not holders:
-                break
-            candidates, depth = holders, depth + 1
-        # The candidates share `depth` blocks (hash-verified below): at most one more block
-        # can match, so compare only that far.
+    def _longest_prefix(self, prompt: list[int], idle: list[Slot],
+                        tag: str | None) -> tuple[Slot, int]:
+        """The idle slot whose cache, made under `tag`, shares the most with `prompt` (ties:
+        the lowest id), and how many tokens of the prompt it can skip."""
+        same = {s.seq_id for s in idle if s.tag == tag and s.cached}
+        if not same:
+            return idle[0], 0
+        candidates, depth = self._index.deepest(prompt, tag, same)
         head = prompt[:(depth + 1) * BLOCK]
-        ranked = [s for s in idle if s.seq_id in candidates]
-        return max(ranked, key=lambda s: common_prefix(s.cached[:len(head)], head))
+        best = max((s for s in idle if s.seq_id in candidates),
+                   key=lambda s: common_prefix(s.cached[:len(head)], head))
+        return best, min(common_prefix(best.cached, prompt), len(prompt) - 1)
+
+    def _restore(self, prompt: list[int], tag: str | None, target: Slot,
+                 reused: int) -> int | None:
+        """Restore into `target` the saved state sharing the most with `prompt` if it beats
+        `reused` by a block or more; the prompt tokens it holds, or None."""
+        if self._cache is None:
+            return None
+        found = self._cache.longest(prompt, tag)
+        if found is None:
+            return None
+        saved, shared = found
+        keep = min(shared, len(prompt) - 1)
+        if keep < reused + BLOCK or keep < MIN_REUSE:
+            return None
+        data = self._cache.load(saved)  # first: saving the target's cache may evict it
+        if data is None:
+            return None
+        self._truncate(target, 0)  # saves what it held first, if that is worth keeping
+        if not self._memory.restore(target.seq_id, data):
+            self._memory.remove(target.seq_id, 0)  # whatever a failed restore left
+            return None
+        target.cached, target.tag = list(saved.tokens), tag
+        self._truncate(target, keep, save=False)
+        self._cache.hits += 1
+        self._cache.restored_tokens += keep
+        return keep
 
     def release(self, seq_id: int, in_kv: list[int]) -> None:
         """A sequence finished; its KV (`in_kv`, from position 0) stays for reuse."""
         slot = self._slots[seq_id]
         slot.busy, slot.cached = False, in_kv
-        self._unindex(slot, 0)
-        slot.keys = list(block_keys(in_kv))
-        for key in slot.keys:
-            self._index.setdefault(key, set()).add(seq_id)
-
-    def _unindex(self, slot: Slot, keep_blocks: int) -> None:
-        for key in slot.keys[keep_blocks:]:
-            holders = self._index.get(key)
-            if holders is not None:
-                holders.discard(slot.seq_id)
-                if not holders:
-                    del self._index[key]
-        del slot.keys[keep_blocks:]
+        self._index.put(seq_id, in_kv, slot.tag)
 
     def discard(self, seq_id: int) -> None:
-        """Free a sequence and forget its KV (after a failed decode)."""
+        """Free a sequence and forget its KV (after a failed decode: never saved)."""
         slot = self._slots[seq_id]
-        self._truncate(slot, 0)
+        self._truncate(slot, 0, save=False)
         slot.busy = False
 
     def trim_idle(self, allowed_cells: int) -> None:
@@ -150,7 +152,23 @@ class SlotPool:
                 return
             self._truncate(slot, 0)
 
-    def _truncate(self, slot: Slot, keep: int) -> None:
+    def persist(self) -> None:
+        """Save every idle slot's cache to the prompt cache (before the context goes)."""
+        for slot in self.idle:
+            self._save(slot)
+
+    def _truncate(self, slot: Slot, keep: int, save: bool = True) -> None:
+        """Keep the slot's first `keep` cached tokens; what goes is saved to the prompt cache
+        first (the whole cache: a state restores from position 0) when it is long enough."""
+        if save and len(slot.cached) - keep >= self._min_saved():
+            self._save(slot)
         self._memory.remove(slot.seq_id, keep)
         slot.cached = slot.cached[:keep]
-        self._unindex(slot, keep // BLOCK)
+        self._index.cut(slot.seq_id, keep // BLOCK)
+
+    def _min_saved(self) -> float:
+        return float("inf") if self._cache is None else max(self._cache.min_tokens, 1)
+
+    def _save(self, slot: Slot) -> None:
+        if self._cache is not None and not self._cache.keeps(slot.cached, slot.tag):
+            self._cache.put(slot.tag, slot.cached, self._memory.save(slot.seq_id))
