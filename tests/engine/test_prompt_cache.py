@@ -28,6 +28,9 @@ class Kv:
     def copy(self, src: int, dst: int, end: int) -> None:
         self.seqs[dst] = self.seqs[src][:end]
 
+    def state_size(self, seq_id: int) -> int:
+        return len(pickle.dumps(self.seqs[seq_id]))
+
     def save(self, seq_id: int) -> bytearray:
         self.saves += 1
         return bytearray(pickle.dumps(self.seqs[seq_id]))
@@ -174,6 +177,17 @@ def test_states_on_disk_outlive_the_process(tmp_path: Path) -> None:
     other = cache(directory=tmp_path, fingerprint="another model")  # not this model's
     assert len(other) == 0
     other.close()
+
+
+def test_a_state_larger_than_the_cache_is_not_saved() -> None:
+    kv = Kv(1)
+    store = cache(ram=len(pickle.dumps(tokens(400, 0))))
+    pool = SlotPool(kv, 1, share_cells=False, cache=store)
+    run(pool, kv, tokens(300, 1))
+    run(pool, kv, tokens(500, 2))  # the first fits: saved
+    run(pool, kv, tokens(300, 3))  # the second does not: skipped, the first stays
+    assert kv.saves == 1 and len(store) == 1  # (the size is asked first: no copy made)
+    assert run(pool, kv, [*tokens(300, 1), 5])[1] == 300
 
 
 def test_the_disk_bound_deletes_the_oldest_files(tmp_path: Path) -> None:

@@ -106,6 +106,11 @@ class PromptCache:
         found = self.longest(tokens, tag)
         return found is not None and found[1] == len(tokens)
 
+    def fits(self, size: int) -> bool:
+        """Whether a state of `size` bytes fits the bounds at all (a larger one would only push
+        out everything else, as llama-server's cache skips it too)."""
+        return size <= max(self.ram_bytes, self._disk.limit if self._disk else 0)
+
     def put(self, tag: str | None, tokens: list[int], data: bytearray) -> None:
         """Keep `data`, the state of a sequence holding `tokens`; entries that are prefixes
         of it go (it answers for them)."""

@@ -561,8 +561,11 @@ class _Memory:
     def copy(self, src: int, dst: int, end: int) -> None:
         lc.llama_memory_seq_cp(self._memory, src, dst, 0, end)
 
+    def state_size(self, seq_id: int) -> int:
+        return int(lc.llama_state_seq_get_size(self._ctx, seq_id))
+
     def save(self, seq_id: int) -> bytearray:
-        size = lc.llama_state_seq_get_size(self._ctx, seq_id)
+        size = self.state_size(seq_id)
         data = bytearray(size)  # written in place: a 2,000-token state is tens of MB
         written = lc.llama_state_seq_get_data(
             self._ctx, (ctypes.c_uint8 * size).from_buffer(data), size, seq_id)

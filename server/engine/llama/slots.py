@@ -29,6 +29,9 @@ class KvMemory(Protocol):
     def copy(self, src: int, dst: int, end: int) -> None:
         """Share (or copy) `src`'s cells of positions [0, end) into `dst`."""
 
+    def state_size(self, seq_id: int) -> int:
+        """Bytes of the sequence's state (llama_state_seq_get_size)."""
+
     def save(self, seq_id: int) -> bytearray:
         """The sequence's state (llama_state_seq_get_data)."""
 
@@ -170,5 +173,8 @@ class SlotPool:
         return float("inf") if self._cache is None else max(self._cache.min_tokens, 1)
 
     def _save(self, slot: Slot) -> None:
-        if self._cache is not None and not self._cache.keeps(slot.cached, slot.tag):
-            self._cache.put(slot.tag, slot.cached, self._memory.save(slot.seq_id))
+        cache = self._cache
+        if cache is None or cache.keeps(slot.cached, slot.tag) or \
+                not cache.fits(self._memory.state_size(slot.seq_id)):
+            return
+        cache.put(slot.tag, slot.cached, self._memory.save(slot.seq_id))
