@@ -113,7 +113,8 @@ def return_big_buffers_to_the_os() -> None:
 
 
 def pull(argv: list[str]) -> int:
-    """`python -m server pull ID[:QUANT]...`: download registry models ahead of serving."""
+    """`python -m server pull ID[:QUANT]...`: download registry models (and their LoRA
+    adapters) ahead of serving."""
     parser = argparse.ArgumentParser(prog="ggserve pull",
                                      description="Download registry models from the Hub "
                                                  "(resuming a partial download).")
@@ -135,6 +136,10 @@ def pull(argv: list[str]) -> int:
                                       "to download it from")
             else:
                 hub.download(spec.repo, spec.file_name, target, show_bar=True)
+            for adapter in spec.lora:  # its LoRA adapters from the Hub too
+                file = registry.lora_file(adapter)
+                if adapter.repo is not None and not file.is_file():
+                    hub.download(adapter.repo, str(adapter.file), file, show_bar=True)
     except (RegistryError, ServerError) as exc:
         log.error("%s", exc)
         return 1

@@ -162,6 +162,16 @@ class ModelNotFound(ServerError):
         )
 
 
+class AdapterNotFound(ModelNotFound):
+    """`model` names a registry entry and a LoRA adapter it does not have."""
+
+    def __init__(self, model: str, base: str, adapters: list[str]) -> None:
+        ServerError.__init__(
+            self, f"The model '{model}' does not exist: '{base}' has no LoRA adapter "
+            f"'{model.removeprefix(base + ':')}'. Its adapters: {', '.join(adapters)}.",
+            param="model")
+
+
 class ModelLoadFailed(ServerError):
     """A registry entry exists but llama.cpp could not load its file."""
 

@@ -10,7 +10,8 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -140,6 +141,10 @@ class Metrics:
             f"{PREFIX}spec_accepted_tokens", "Draft tokens the model accepted (speculative "
             "decoding)", ["model", "method"], registry=r)
 
+        # LoRA adapters by loaded model, for lora_requests_info (SchedulerMetrics sets a
+        # model's from its scheduler thread; a scrape reads them).
+        self.lora: dict[str, LoraActivity] = {}
+        self.registry.register(_LoraInfo(self, f"{PREFIX}lora_requests_info"))
         if vllm_names:
             self.registry.register(_VllmNames(self))
 
@@ -159,6 +164,7 @@ class Metrics:
         for gauge, labels in series:
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
+        self.lora.pop(model, None)
 
 
 def _total(gauge: Gauge) -> float:
@@ -172,7 +178,6 @@ class _VllmNames(Collector):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._started = time.time()
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
@@ -187,11 +192,40 @@ class _VllmNames(Collector):
         for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # new, old
             yield GaugeMetricFamily(name, "KV cache cells held by running requests, 0 to 1 of "
                                     "the budget (all models)", value=usage)
-        # No LoRA adapters are served: the picker sees none running and none waiting.
-        lora = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters (none)", labels=[
-            "max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-        lora.add_metric(["0", "", ""], self._started)
-        yield lora
+        yield from _LoraInfo(m, "vllm:lora_requests_info").collect()
+
+
+@dataclass(frozen=True)
+class LoraActivity:
+    """One loaded model's LoRA adapters: how many, and those that running and waiting requests
+    use, by the names clients send (`model:adapter`)."""
+
+    loaded: int
+    running: frozenset[str] = frozenset()
+    waiting: frozenset[str] = frozenset()
+
+
+class _LoraInfo(Collector):
+    """vLLM's lora_requests_info, which the Gateway API Inference Extension's picker reads for
+    adapter affinity: `max_lora` (adapters that can be active at once: every loaded adapter,
+    since all stay resident), the adapters of running and of waiting requests (comma
+    separated); the value is the time of the scrape."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self._metrics = metrics
+        self._name = name
+
+    def collect(self) -> Iterator[Metric]:
+        models = list(self._metrics.lora.values())
+        info = GaugeMetricFamily(self._name, "LoRA adapters: how many can be active, and those "
+                                 "of running and waiting requests", labels=[
+                                     "max_lora", "running_lora_adapters",
+                                     "waiting_lora_adapters"])
+        running = sorted(set().union(*(m.running for m in models)))
+        waiting = sorted(set().union(*(m.waiting for m in models)))
+        info.add_metric([str(sum(m.loaded for m in models)), ",".join(running),
+                         ",".join(waiting)], time.time())
+        yield info
 
 
 class SchedulerMetrics:
@@ -217,6 +251,7 @@ class SchedulerMetrics:
         self._batch_tokens = metrics.step_batch_tokens.labels(model)
         self._split = metrics.step_split.labels(model)
         self.grammar_rejections = metrics.grammar_rejections.labels(model)
+        self._model, self._lora = model, metrics.lora
         self._cache_restores = metrics.prompt_cache_restores.labels(model)
         self._cache_restored = metrics.prompt_cache_restored_tokens.labels(model)
         self._cache_ram = metrics.prompt_cache_bytes.labels(model, "ram")
@@ -239,6 +274,16 @@ class SchedulerMetrics:
         self._batch_tokens.observe(tokens)
         if passes > 1:
             self._split.inc()
+
+    def report_adapters(self, loaded: int, running: Iterable[str | None],
+                        waiting: Iterable[str | None]) -> None:
+        """The model's `loaded` LoRA adapters, and those that running and waiting requests
+        name (None: the base model, not reported)."""
+        def served(names: Iterable[str | None]) -> frozenset[str]:
+            return frozenset(f"{self._model}:{n}" for n in names if n is not None)
+
+        if loaded:
+            self._lora[self._model] = LoraActivity(loaded, served(running), served(waiting))
 
     def track_waiting(self, waiting: Callable[[], int]) -> None:
         """Read the queue length when scraped: it moves on the event loop, between steps,

@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from server.durations import parse_duration
-from server.errors import ModelLoadFailed, ModelNotFound, RegistryError
+from server.errors import AdapterNotFound, ModelLoadFailed, ModelNotFound, RegistryError
 
 
 class _Strict(BaseModel):
@@ -99,6 +99,34 @@ class SpeculativeSpec(_Strict):
         return self
 
 
+class LoraSpec(_Strict):
+    """A LoRA adapter served with its model as `<model id>:<name>` (README "LoRA adapters"):
+    a local GGUF (`path`, relative to models.yaml) or a Hugging Face file (`repo` + `file`)."""
+
+    name: str  # served as "<model id>:<name>"
+    path: str | None = None
+    repo: str | None = None
+    file: str | None = None
+    scale: float = 1.0  # llama_set_adapters_lora's scale (times alpha / rank from the GGUF)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or any(c in value for c in ": /\t\n"):
+            raise ValueError(f"{value!r}: a LoRA adapter's name is served as '<model id>:"
+                             "<name>', so it must be non-empty, without ':', '/' or spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraSpec:
+        if (self.path is None) == (self.repo is None):
+            raise ValueError(f"adapter '{self.name}': give 'path', or 'repo' with 'file'")
+        if (self.repo is None) != (self.file is None):
+            raise ValueError(f"adapter '{self.name}': 'file' goes with 'repo' (and 'repo' "
+                             "needs 'file'); 'path' already names the file")
+        return self
+
+
 _SOURCES = ("path", "package", "repo", "convert")
 NO_TEMPLATE = "none"  # `template: none`: a base model, whatever chat template its GGUF carries
 
@@ -149,6 +177,8 @@ class ModelSpec(_Strict):
     # reranker (its classification head scores query-document pairs), on /v1/rerank only.
     embedding: bool = False
     pooling: Literal["mean", "cls", "last", "rank"] | None = None
+    # LoRA adapters loaded with the model; a request picks one as "<id>:<name>".
+    lora: tuple[LoraSpec, ...] = ()
 
     @field_validator("n_gpu_layers")
     @classmethod
@@ -194,7 +224,29 @@ class ModelSpec(_Strict):
                              f", got {self.quant!r}")
         if self.pooling is not None and not self.embedding:
             raise ValueError("'pooling' applies to embedding models only: add 'embedding: true'")
+        self._check_lora()
         return self
+
+    def _check_lora(self) -> None:
+        if self.lora and self.embedding:
+            raise ValueError("'lora' applies to generating models only, not embedding models")
+        names = [a.name for a in self.lora]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"field 'lora': adapter names must be unique; repeated: {repeated}")
+        clashes = sorted(set(names) & set(self.quants))
+        if clashes:
+            raise ValueError(f"field 'lora': adapter names {clashes} are also quants of this "
+                             "model: 'id:NAME' would be ambiguous")
+
+    def adapter(self, name: str) -> LoraSpec | None:
+        return next((a for a in self.lora if a.name == name), None)
+
+    def served_adapter(self, model: str) -> str | None:
+        """The adapter that `model`, as a request names it ("<id>:<adapter>"), picks from this
+        entry; None when it names the entry itself."""
+        name = model.removeprefix(f"{self.id}:")
+        return name if name != model and self.adapter(name) is not None else None
 
     @property
     def file_name(self) -> str:
@@ -253,6 +305,7 @@ class Registry:
                     f"{path}: model '{spec.id}': field 'template': unknown template "
                     f"'{spec.template}' (no {self.template_path(spec)}); available: {available}")
             self._check_speculation(path, spec)
+            self._check_lora(path, spec)
             if spec.path or spec.package:  # a `convert` file may be built after the start
                 try:
                     self.local_file(spec)
@@ -276,18 +329,44 @@ class Registry:
             raise RegistryError(f"{where} field 'speculative': set 'ngram: true' or name a "
                                 "'draft' model")
 
+    def _check_lora(self, path: Path, spec: ModelSpec) -> None:
+        for adapter in spec.lora:
+            where = f"{path}: model '{spec.id}': adapter '{adapter.name}':"
+            if f"{spec.id}:{adapter.name}" in self.specs:
+                raise RegistryError(f"{where} '{spec.id}:{adapter.name}' is also an entry's id")
+            if adapter.path is not None and not self.lora_file(adapter).is_file():
+                raise RegistryError(f"{where} field 'path': GGUF file not found: "
+                                    f"{self.lora_file(adapter)}")
+
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self.specs.values())
 
     def get(self, model: str) -> ModelSpec:
-        """The entry for `model` (or `id:QUANT`, a published quant); else ModelNotFound."""
+        """The entry for `model`: an id, `id:QUANT` (a published quant), or `id:ADAPTER` (the
+        entry itself: `served_adapter` tells which adapter); else ModelNotFound."""
         if model in self.specs:
             return self.specs[model]
-        base, _, quant = model.rpartition(":")
-        spec = self.specs.get(base)
-        if spec is None or quant not in spec.quants:
+        base, _, suffix = model.rpartition(":")
+        try:
+            spec = self.get(base) if base else None
+        except ModelNotFound:
+            spec = None
+        if spec is None:
             raise ModelNotFound(model, list(self.specs)) from None
-        return spec.model_copy(update={"id": model, "quant": quant})
+        if spec.adapter(suffix) is not None:
+            return spec
+        if suffix in spec.quants and base in self.specs:
+            return spec.model_copy(update={"id": model, "quant": suffix})
+        if spec.lora:
+            raise AdapterNotFound(model, spec.id, [f"{spec.id}:{a.name}" for a in spec.lora])
+        raise ModelNotFound(model, list(self.specs)) from None
+
+    def lora_file(self, spec: LoraSpec) -> Path:
+        """Where adapter `spec`'s GGUF is (a `repo` file: where its download goes)."""
+        if spec.path is not None:
+            file = Path(spec.path).expanduser()
+            return file if file.is_absolute() else self.source.parent / file
+        return self.models_dir / str(spec.repo).replace("/", "--") / str(spec.file)
 
     def template_path(self, spec: ModelSpec) -> Path:
         return self.templates_dir / f"{spec.template}.jinja"
@@ -354,6 +433,5 @@ def _describe(err: Any) -> str:
     field = ".".join(str(part) for part in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"unknown key '{field}'"
-    if not field:
-        return str(err["msg"]).removeprefix("Value error, ")
-    return f"field '{field}': {err['msg']}"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    return f"field '{field}': {message}" if field else message

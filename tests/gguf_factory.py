@@ -42,7 +42,7 @@ import gguf
 import numpy as np
 
 __all__ = ["ARCHS", "DTYPES", "ENCODER_ARCHS", "SHAPES", "TOKENIZERS", "Shape",
-           "bpe_vocabulary", "main", "vocabulary", "write_gguf"]
+           "bpe_vocabulary", "main", "vocabulary", "write_gguf", "write_lora"]
 
 
 @dataclass(frozen=True)
@@ -490,6 +490,37 @@ def write_gguf(
     finally:
         w.close()
     return path
+
+
+def write_lora(path: Path, arch: str, weights: Mapping[str, tuple[np.ndarray, np.ndarray]],
+               *, alpha: float = 0.0, dtype: str = "f32") -> Path:
+    """Write a LoRA adapter GGUF as llama.cpp's convert_lora_to_gguf.py does; return `path`.
+
+    `weights` maps a base tensor's name (``output.weight``, ``blk.0.attn_q.weight``) to its
+    (A, B) in PEFT's layout: A of numpy shape (rank, n_in), B of (n_out, rank), for a base
+    matrix of numpy shape (n_out, n_in). llama.cpp then computes ``W x + s * B (A x)`` with
+    ``s = scale * alpha / rank`` (``scale`` from llama_set_adapters_lora; alpha 0: ``scale``).
+    """
+    types = {"f32": np.float32, "f16": np.float16}
+    if dtype not in types:
+        raise ValueError(f"unknown adapter dtype {dtype!r}; expected one of {tuple(types)}")
+    w = gguf.GGUFWriter(Path(path), arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for name, (a, b) in weights.items():
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{name}: A must be (rank, n_in) and B (n_out, rank); got "
+                             f"{a.shape} and {b.shape}")
+        w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, types[dtype]))
+        w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, types[dtype]))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    return Path(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -173,6 +173,23 @@ def test_pull_downloads_ahead_of_serving(standin: HubStandIn, tmp_path: Path,
     assert unknown.returncode == 1 and "nope" in unknown.stderr
 
 
+def test_pull_downloads_a_models_lora_adapters_too(standin: HubStandIn, tmp_path: Path,
+                                                   model_bytes: bytes) -> None:
+    (tmp_path / "local.gguf").write_bytes(model_bytes)
+    standin.files[f"{REPO}/tiny-lora.gguf"] = b"GGUF adapter"
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  local:\n    path: {tmp_path / 'local.gguf'}\n"
+                      f"    lora: [{{name: x, repo: {REPO}, file: tiny-lora.gguf}}]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "pull", "local:x", "--models-file", str(models)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={"HF_ENDPOINT": standin.url, "GGSERVE_MODELS_DIR": str(tmp_path / "models"),
+             "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "models" / "someorg--tiny-GGUF" / "tiny-lora.gguf").read_bytes() == \
+        b"GGUF adapter"
+
+
 def test_help_names_the_command_and_its_pull_subcommand() -> None:
     shown = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout

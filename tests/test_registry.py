@@ -139,3 +139,55 @@ def test_shipped_registry_has_embedding_models() -> None:
     assert registry.local_file(smollm2) == registry.local_file(registry.get(registry.default))
     nomic = registry.get("nomic-embed-text-v1.5:f16")
     assert nomic.embedding and nomic.file_name == "nomic-embed-text-v1.5.f16.gguf"
+
+
+LORA = "models:\n  m:\n    path: m.gguf\n    lora:\n"
+
+
+def test_lora_adapters_are_served_as_id_colon_name(tmp_path: Path) -> None:
+    (tmp_path / "sql.gguf").write_bytes(b"GGUF")
+    registry = load(write(tmp_path, LORA + "      - {name: sql, path: sql.gguf, scale: 0.5}\n"
+                                           "      - {name: fr, repo: org/fr, file: fr.gguf}\n"))
+    spec = registry.get("m")
+    assert [(a.name, a.scale) for a in spec.lora] == [("sql", 0.5), ("fr", 1.0)]
+    assert registry.get("m:sql") is spec and spec.served_adapter("m:sql") == "sql"
+    assert spec.served_adapter("m") is None and spec.served_adapter("m:nope") is None
+    assert registry.lora_file(spec.lora[0]) == tmp_path / "sql.gguf"
+    assert registry.lora_file(spec.lora[1]) == tmp_path / "models" / "org--fr" / "fr.gguf"
+    with pytest.raises(ModelNotFound, match=r"'m' has no LoRA adapter 'nope'\. Its adapters: "
+                                            r"m:sql, m:fr\."):
+        registry.get("m:nope")
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ("      - {name: a, path: m.gguf}\n      - {name: a, path: m.gguf}\n",
+     r"model 'm': field 'lora': adapter names must be unique; repeated: \['a'\]"),
+    ("      - {name: 'a:b', path: m.gguf}\n",
+     r"model 'm': field 'lora\.0\.name': 'a:b': a LoRA adapter's name is served as "
+     r"'<model id>:<name>', so it must be non-empty, without ':'"),
+    ("      - {name: a, path: m.gguf}\n      - {path: m.gguf}\n",
+     r"field 'lora\.1\.name': Field required"),
+    ("      - {name: a}\n", r"adapter 'a': give 'path', or 'repo' with 'file'"),
+    ("      - {name: a, path: m.gguf, repo: o/r, file: f.gguf}\n",
+     r"adapter 'a': give 'path', or 'repo' with 'file'"),
+    ("      - {name: a, repo: o/r}\n", r"adapter 'a': 'file' goes with 'repo'"),
+    ("      - {name: a, path: nowhere.gguf}\n",
+     r"model 'm': adapter 'a': field 'path': GGUF file not found: .*nowhere\.gguf"),
+    ("      - {name: a, path: m.gguf, scael: 1}\n", r"unknown key 'lora\.0\.scael'"),
+])
+def test_lora_mistakes_name_the_entry_and_field(tmp_path: Path, entries: str,
+                                                message: str) -> None:
+    with pytest.raises(RegistryError, match=message):
+        load(write(tmp_path, LORA + entries))
+
+
+def test_lora_names_that_would_be_ambiguous_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match=r"adapter names \['Q8_0'\] are also quants"):
+        load(write(tmp_path, "models:\n  m:\n    repo: o/r\n    file: m-{quant}.gguf\n"
+                             "    quant: Q4_0\n    quants: [Q4_0, Q8_0]\n"
+                             "    lora: [{name: Q8_0, path: m.gguf}]\n"))
+    with pytest.raises(RegistryError, match=r"adapter 'x': 'm:x' is also an entry's id"):
+        load(write(tmp_path, LORA + "      - {name: x, path: m.gguf}\n"
+                             "  'm:x':\n    path: m.gguf\n"))
+    with pytest.raises(RegistryError, match="'lora' applies to generating models only"):
+        load(write(tmp_path, LORA + "      - {name: x, path: m.gguf}\n    embedding: true\n"))

@@ -38,7 +38,7 @@ class Generation:
     """An admitted request: its id, its metered events, and how to stop it."""
 
     id: str
-    model: str
+    model: str  # as the client named it (an adapter's `model:adapter`), for the reply
     created: int
     stream: GenerationStream
     metrics: Metrics
@@ -50,6 +50,10 @@ class Generation:
     timeout_s: float = 600.0
     streamed: bool = True
     _itl: Any = None  # the inter-token latency histogram of this model
+    label: str = ""  # the registry model in metrics (an adapter's base model); "": `model`
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.model
 
     @classmethod
     async def start(cls, engine: Engine, request: GenerationRequest, metrics: Metrics,
@@ -57,8 +61,9 @@ class Generation:
         """Admit `request` in the engine; typed errors raise here, before any response."""
         started = time.perf_counter()
         stream = await engine.generate(request)
-        return cls(f"{id_prefix}-{uuid.uuid4().hex}", request.model, int(time.time()), stream,
-                   metrics, endpoint, started, timeout_s=timeout_s, streamed=request.stream)
+        return cls(f"{id_prefix}-{uuid.uuid4().hex}", request.served_model, int(time.time()),
+                   stream, metrics, endpoint, started, timeout_s=timeout_s,
+                   streamed=request.stream, label=request.model)
 
     async def _timed(self) -> AsyncIterator[Event]:
         """The engine's events, ending in RequestTimedOut past the request's deadline.
@@ -90,7 +95,7 @@ class Generation:
                 "ask for fewer tokens.")
 
     async def events(self) -> AsyncIterator[Event]:
-        m, model = self.metrics, self.model
+        m, model = self.metrics, self.label
         outcome = "cancelled"
         m.requests_running.labels(model).inc()
         try:
@@ -137,11 +142,11 @@ class Generation:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
-            self.metrics.time_to_first_token.labels(self.model).observe(now - self.started)
+            self.metrics.time_to_first_token.labels(self.label).observe(now - self.started)
         last = self._last_delta_at.get(delta.index)
         if last is not None and self.streamed:  # a whole reply arrives in one piece
             if self._itl is None:  # looked up once: labels() costs more than observe()
-                self._itl = self.metrics.inter_token_latency.labels(self.model)
+                self._itl = self.metrics.inter_token_latency.labels(self.label)
             self._itl.observe(now - last)
         self._last_delta_at[delta.index] = now
 
@@ -162,7 +167,7 @@ class Generation:
 
     def _count_usage(self, usage: Usage) -> None:
         self.usage = usage
-        m, model = self.metrics, self.model
+        m, model = self.metrics, self.label
         m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
         m.prompt_tokens_cached.labels(model).inc(usage.cached_tokens)
         m.generation_tokens.labels(model).inc(usage.completion_tokens)

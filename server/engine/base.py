@@ -83,6 +83,12 @@ class GenerationRequest:
     # Control tokens whose text the output keeps (a tool-call format's `[TOOL_CALLS]`,
     # `<|python_tag|>`), as llama-server's preserved_tokens; other control tokens add no text.
     preserved: tuple[str, ...] = ()
+    adapter: str | None = None  # a LoRA adapter of `model` (its registry `lora` name)
+
+    @property
+    def served_model(self) -> str:
+        """The model as the client named it: `model`, or `model:adapter`."""
+        return self.model if self.adapter is None else f"{self.model}:{self.adapter}"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from server.engine.base import (
 )
 from server.engine.textstream import StopTextStream
 from server.errors import (
+    AdapterNotFound,
     EmbeddingModelOnly,
     InputTooLong,
     ModelNotFound,
@@ -67,6 +68,7 @@ class FakeEngine:
     embedding_models: tuple[str, ...] = ()  # of `models`: these embed, and never generate
     reranker_models: tuple[str, ...] = ()  # of `embedding_models`: these only rerank
     infill_models: tuple[str, ...] = ()  # of `models`: these have FIM tokens (FAKE_INFILL)
+    adapters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # LoRA names by model
 
     async def start(self) -> None:
         return None
@@ -104,6 +106,10 @@ class FakeEngine:
         await self.model_info(request.model)
         if request.model in self.embedding_models:
             raise EmbeddingModelOnly(request.model)
+        known = self.adapters.get(request.model, ())
+        if request.adapter is not None and request.adapter not in known:
+            raise AdapterNotFound(request.served_model, request.model,
+                                  [f"{request.model}:{a}" for a in known])
         self._check(list(request.sampling.logit_bias), "logit_bias")
         self.requests.append(request)
         return _FakeStream(self, request)

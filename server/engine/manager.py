@@ -306,6 +306,7 @@ class LlamaEngine:
         if resident.expiry is not None:
             resident.expiry.cancel()
         await asyncio.to_thread(resident.worker.close)
+        resident.adapters.free()  # after the context that used them, before their model
         await asyncio.to_thread(resident.worker.model.close)
         self.metrics.forget(resident.spec.id)  # its waiting gauge reads the closed queue
         self.metrics.models_loaded.set(len(self._resident))
@@ -322,6 +323,7 @@ class LlamaEngine:
             self._pending[spec.id] = _Pending("loading")
             gguf = (await asyncio.to_thread(read_gguf, path)).with_cache(
                 spec.cache_type_k, spec.cache_type_v)
+            gguf = await self._with_adapters(spec, gguf)
             workers = await asyncio.to_thread(worker_devices, spec.rpc) if spec.rpc else []
             async with self._budget_lock:
                 n_ctx = spec.n_ctx or min(gguf.n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
@@ -338,6 +340,24 @@ class LlamaEngine:
             raise
         finally:
             self._pending.pop(spec.id, None)
+
+    async def _with_adapters(self, spec: ModelSpec, gguf: GGUFInfo) -> GGUFInfo:
+        """`gguf` with the LoRA adapters of `spec` counted (those from a repo downloaded
+        first), so that the budget and the GPU plan include them."""
+        adapters = []
+        for adapter in spec.lora:
+            file = self.registry.lora_file(adapter)
+            if adapter.repo and not file.is_file():
+                if not MAY_DOWNLOAD.get():
+                    raise ModelNotDownloaded(spec.id)
+                log.info("downloading %s/%s (LoRA adapter %s of %s)", adapter.repo,
+                         adapter.file, adapter.name, spec.id)
+                await asyncio.to_thread(hub.download, str(adapter.repo), str(adapter.file), file)
+            if not file.is_file():
+                raise ModelLoadFailed(f"model '{spec.id}': LoRA adapter '{adapter.name}': GGUF "
+                                      f"file not found: {file}")
+            adapters.append(await asyncio.to_thread(read_gguf, file, gguf.n_layer))
+        return gguf.with_adapters(adapters)
 
     async def _download(self, spec: ModelSpec, path: Path) -> None:
         pending = self._pending[spec.id] = _Pending("downloading")

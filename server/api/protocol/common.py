@@ -196,7 +196,8 @@ class GenerationBody(RequestBody):
         if wanted is not None and cap is not None:
             wanted = min(wanted, cap)  # over the cap only when the registry set it: not a 400
         return GenerationRequest(
-            model=spec.id, prompt=prompt, sampling=sampling,
+            model=spec.id, adapter=spec.served_adapter(self.model), prompt=prompt,
+            sampling=sampling,
             max_tokens=wanted,
             default_max_tokens=min(settings.default_max_tokens, cap or MAX_TOKEN_ID),
             stop=tuple(s for s in stops if isinstance(s, str)),

@@ -16,6 +16,7 @@ class Model(BaseModel):
     created: int
     owned_by: str = "ggserve"
     # --- extensions: where the model stands in this server ---
+    parent: str | None = None  # a LoRA adapter's base model (vLLM lists adapters so)
     loaded: bool = False
     # loaded, loading, on_disk (ready to load), not_downloaded (a download of size_bytes, or a
     # missing file: see error), downloading (see download), failed (see error)

@@ -113,7 +113,7 @@ async def infill(body: InfillRequest, engine: EngineDep, registry: RegistryDep,
     parts = await infill_parts(engine, spec.id, fim, body)
     prompt, truncated = fim_prompt(fim, parts, min(settings.batch_tokens, n_ctx), n_ctx,
                                    body.output_limit or 0)
-    completion = body.as_completion(spec.id, prompt)
+    completion = body.as_completion(body.model or spec.id, prompt)  # `id:adapter` kept
     completion.check_limits(settings)
     request = completion.to_generation(spec, prompt, settings)
     [generation] = await start_all(engine, [request], metrics, "infill", "infill",

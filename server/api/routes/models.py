@@ -18,7 +18,7 @@ from server.api.protocol.openai_models import (
     Placement,
 )
 from server.engine.base import Engine
-from server.registry import ModelSpec
+from server.registry import LoraSpec, ModelSpec, Registry
 
 router = APIRouter()
 admin_router = APIRouter()
@@ -35,12 +35,16 @@ ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/v1/models", responses={401: ERROR_RESPONSES[401]})
 async def list_models(registry: RegistryDep, engine: EngineDep) -> ModelList:
-    return ModelList(data=[_describe(spec, engine) for spec in registry])
+    """Every entry, each followed by its LoRA adapters (`id:adapter`, `parent`: the entry)."""
+    return ModelList(data=[_describe(spec, engine, registry, adapter)
+                           for spec in registry for adapter in (None, *spec.lora)])
 
 
 @router.get("/v1/models/{model_id:path}", responses=_GUARDED)
 async def retrieve_model(model_id: str, registry: RegistryDep, engine: EngineDep) -> Model:
-    return _describe(registry.get(model_id), engine)
+    spec = registry.get(model_id)
+    name = spec.served_adapter(model_id)
+    return _describe(spec, engine, registry, None if name is None else spec.adapter(name))
 
 
 @admin_router.post("/models/load", responses={**ADMIN_RESPONSES, **_GUARDED})
@@ -59,13 +63,21 @@ async def unload_model(body: LoadRequest, registry: RegistryDep, engine: EngineD
     return _describe(spec, engine)
 
 
-def _describe(spec: ModelSpec, engine: Engine) -> Model:
+def _describe(spec: ModelSpec, engine: Engine, registry: Registry | None = None,
+              adapter: LoraSpec | None = None) -> Model:
+    """An entry as /v1/models lists it; with `adapter`, that adapter of it (loaded with it)."""
     status = engine.status(spec.id)
     loaded = status.state == "loaded"
+    size = status.size
+    if adapter is not None and registry is not None:
+        file = registry.lora_file(adapter)
+        size = file.stat().st_size if file.is_file() else None
     return Model(
-        id=spec.id, created=_STARTED, loaded=loaded, status=status.state,
+        id=spec.id if adapter is None else f"{spec.id}:{adapter.name}",
+        parent=None if adapter is None else spec.id,
+        created=_STARTED, loaded=loaded, status=status.state,
         kind="rerank" if spec.reranker else "embedding" if spec.embedding else "chat",
-        size_bytes=status.size,
+        size_bytes=size,
         error=status.error,
         download=DownloadProgress(downloaded=status.downloaded, total=status.download_size)
         if status.downloaded is not None else None,

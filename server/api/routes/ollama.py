@@ -56,6 +56,13 @@ def resolve(registry: Registry, name: str) -> ModelSpec:
         raise
 
 
+def served(spec: ModelSpec, name: str) -> str:
+    """The registry model an Ollama model name `name` (resolved to `spec`) asks for: the
+    entry's id, or `id:adapter` for one of its LoRA adapters."""
+    adapter = spec.served_adapter(name.removesuffix(":latest"))
+    return spec.id if adapter is None else f"{spec.id}:{adapter}"
+
+
 def ndjson_error(exc: ServerError | None) -> bytes:
     """An error inside an NDJSON stream, as Ollama sends it."""
     return ndjson({"error": exc.message if exc is not None
@@ -91,7 +98,7 @@ async def chat(body: ChatRequest, engine: EngineDep, registry: RegistryDep,
     spec = resolve(registry, body.model)
     if not body.messages:
         return await _load_or_unload(engine, spec.id, body.model, body.keep_alive, _chat_frame)
-    request = body.to_openai(spec.id)
+    request = body.to_openai(served(spec, body.model))
     info = await engine.model_info(spec.id)
     shaper = _Shaper(_show_thinking(body.think, spec, info.chat_template))
     run = await start_chat(request, engine, registry, metrics, settings, "ollama_chat", "ollama")
@@ -119,8 +126,8 @@ async def generate(body: GenerateRequest, engine: EngineDep, registry: RegistryD
         shaper = _Shaper(False)
     else:
         shaper = _Shaper(_show_thinking(body.think, spec, info.chat_template))
-        run = await start_chat(body.to_openai(spec.id), engine, registry, metrics, settings,
-                               "ollama_generate", "ollama")
+        run = await start_chat(body.to_openai(served(spec, body.model)), engine, registry,
+                               metrics, settings, "ollama_generate", "ollama")
     return await _respond(run, _Reply(body.model, _generate_frame, shaper, received),
                           body.stream, http)
 
@@ -136,7 +143,7 @@ def _show_thinking(think: bool | str | None, spec: ModelSpec, template: str | No
 
 async def _start_raw(body: GenerateRequest, spec: ModelSpec, engine: Engine, metrics: Metrics,
                      settings: Settings) -> ChatRun:
-    request = body.to_completion(spec.id)
+    request = body.to_completion(served(spec, body.model))
     request.check_limits(settings)
     generation = await Generation.start(
         engine, request.to_generation(spec, plain_prompt(body.prompt or ""), settings), metrics,

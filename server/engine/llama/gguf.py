@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -78,6 +79,14 @@ class GGUFInfo:
     def weights_bytes(self) -> int:
         return sum(self.layer_bytes) + self.other_bytes
 
+    def with_adapters(self, adapters: Sequence[GGUFInfo]) -> GGUFInfo:
+        """This model with LoRA adapters loaded on it (read with its n_layer): each adapter
+        tensor lives beside its base tensor, so it counts with that layer (or the rest)."""
+        layers = [sum(sizes) for sizes in zip(
+            self.layer_bytes, *(a.layer_bytes for a in adapters), strict=True)]
+        return replace(self, layer_bytes=tuple(layers),
+                       other_bytes=self.other_bytes + sum(a.other_bytes for a in adapters))
+
     def with_cache(self, type_k: str, type_v: str) -> GGUFInfo:
         """This model with its KV cache in `type_k` / `type_v` (KV_TYPES): what it costs."""
         k, v = self.kv_elements_per_token
@@ -85,8 +94,9 @@ class GGUFInfo:
         return replace(self, kv_bytes_per_token=math.ceil(per_token))
 
 
-def read_gguf(path: Path) -> GGUFInfo:
-    """Read `path`'s header; ModelLoadFailed says what is wrong with a broken file."""
+def read_gguf(path: Path, n_layer: int | None = None) -> GGUFInfo:
+    """Read `path`'s header; ModelLoadFailed says what is wrong with a broken file. `n_layer`:
+    count its blocks as this model's (a LoRA adapter's GGUF has no block count of its own)."""
     global _lib
     _lib = _lib or _library()
     size = path.stat().st_size
@@ -95,12 +105,13 @@ def read_gguf(path: Path) -> GGUFInfo:
         raise ModelLoadFailed(f"{path.name} is not a readable GGUF file (bad magic, unsupported "
                               "version, or a header cut short); download it again")
     try:
-        return _summarise(_lib, ctx, path, size)
+        return _summarise(_lib, ctx, path, size, n_layer)
     finally:
         _lib.gguf_free(ctx)
 
 
-def _summarise(lib: ctypes.CDLL, ctx: int, path: Path, size: int) -> GGUFInfo:
+def _summarise(lib: ctypes.CDLL, ctx: int, path: Path, size: int,
+               n_layer: int | None) -> GGUFInfo:
     def value(key: str) -> int | str | None:
         kid = lib.gguf_find_key(ctx, key.encode())
         if kid < 0:
@@ -117,7 +128,7 @@ def _summarise(lib: ctypes.CDLL, ctx: int, path: Path, size: int) -> GGUFInfo:
         return int(getter(ctx, kid)) if getter else None
 
     arch = str(value("general.architecture") or "")
-    n_layer = int(value(f"{arch}.block_count") or 0)
+    n_layer = n_layer or int(value(f"{arch}.block_count") or 0)
     layers = [0] * n_layer
     other, end = 0, 0
     data_offset = lib.gguf_get_data_offset(ctx)

@@ -17,6 +17,7 @@ from server.engine.llama.context import ContextConfig
 from server.engine.llama.draft import load_draft
 from server.engine.llama.embedder import Embedder
 from server.engine.llama.gguf import GGUFInfo
+from server.engine.llama.lora import Adapters, load_adapters
 from server.engine.llama.native import NativeModel, repack_enabled
 from server.engine.llama.prompt_cache import PromptCacheConfig
 from server.engine.llama.scheduler import Scheduler
@@ -45,6 +46,7 @@ class Resident:
     last_used: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
     stale: bool = False  # its registry entry changed: unload once idle
+    adapters: Adapters = field(default_factory=Adapters)  # its LoRA adapters (registry `lora`)
 
 
 def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf: GGUFInfo,
@@ -86,14 +88,17 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
         backend_sampling=settings.backend_sampling == "on" or (
             settings.backend_sampling == "auto" and plan.gpu_layers > 0))
     speculation = None
+    adapters = Adapters()
     try:
+        adapters = load_adapters(model, spec.lora, [registry.lora_file(a) for a in spec.lora])
         speculation = None if spec.embedding else \
             _speculation(spec, model, plan.gpu_layers > 0, registry, settings)
         worker = Embedder(model, config, spec.pooling, spec.id, metrics) if spec.embedding \
-            else Scheduler(model, config, spec.id, metrics, speculation)
+            else Scheduler(model, config, spec.id, metrics, speculation, adapters)
     except Exception:
         if speculation is not None and speculation.draft is not None:
             speculation.draft.close()
+        adapters.free()
         model.close()
         raise
     info = ModelInfo(
@@ -117,7 +122,7 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
     if plan.vram:
         memory.labels(spec.id, "weights", "gpu").set(max(plan.vram - kv_gpu, 0))
         memory.labels(spec.id, "kv_cache", "gpu").set(kv_gpu)
-    return Resident(spec, worker, info, plan, device, tokenizer_info(model))
+    return Resident(spec, worker, info, plan, device, tokenizer_info(model), adapters=adapters)
 
 
 def _speculation(spec: ModelSpec, model: NativeModel, on_gpu: bool, registry: Registry,

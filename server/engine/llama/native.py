@@ -6,7 +6,8 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,16 @@ def _on_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         errors = getattr(_load_errors, "lines", None)
         if errors is not None and level_ >= logging.ERROR:
             errors.append(line)
+
+
+@contextmanager
+def native_errors() -> Iterator[list[str]]:
+    """The error lines llama.cpp logs from this thread inside the block (why a load failed)."""
+    _load_errors.lines = []
+    try:
+        yield _load_errors.lines
+    finally:
+        _load_errors.lines = None
 
 
 def init_backend() -> None:

@@ -36,6 +36,7 @@ from server.engine.llama.jobs import (
     stop_token_ids,
 )
 from server.engine.llama.logits import LogitReader
+from server.engine.llama.lora import Adapters, Turns
 from server.engine.llama.native import NativeModel
 from server.engine.llama.prompt_cache import PromptCache
 from server.engine.llama.sampling import SequenceSampler
@@ -44,6 +45,7 @@ from server.engine.llama.speculative import Speculation, Speculator, drop_reject
 from server.engine.llama.vocab import read_prompt
 from server.engine.textstream import StopTextStream
 from server.errors import (
+    AdapterNotFound,
     EngineFailure,
     InvalidRequest,
     ServerOverloaded,
@@ -61,7 +63,8 @@ class Scheduler:
     """Owns a model's llama_context and runs continuous batching on its own thread."""
 
     def __init__(self, model: NativeModel, config: ContextConfig, name: str,
-                 metrics: Metrics, speculation: Speculation | None = None) -> None:
+                 metrics: Metrics, speculation: Speculation | None = None,
+                 adapters: Adapters | None = None) -> None:
         if config.parallel > config.batch_tokens:
             raise EngineFailure(
                 f"parallel ({config.parallel}) is larger than the batch ({config.batch_tokens} "
@@ -102,6 +105,9 @@ class Scheduler:
         except Exception:
             lc.llama_free(self.ctx)
             raise
+        self._adapters = adapters or Adapters()  # LoRA: one on the context per step
+        self._turns = Turns()
+        self._metrics.report_adapters(len(self._adapters), (), ())
         self._metrics.track_waiting(lambda: self.waiting)
         self._thread = threading.Thread(target=self._run, name=f"scheduler:{name}", daemon=True)
         self._thread.start()
@@ -140,6 +146,10 @@ class Scheduler:
             raise ServerOverloaded(
                 f"{self.waiting} requests are already waiting for this model (the limit is "
                 f"{self.config.max_waiting}); retry shortly.")
+        if request.adapter is not None and request.adapter not in self._adapters:
+            # the registry names an adapter this loaded model lacks (reloaded meanwhile)
+            raise AdapterNotFound(request.served_model, self.name,
+                                  [f"{self.name}:{a}" for a in self._adapters.names])
         if request.n > self.config.parallel:
             raise InvalidRequest(
                 f"n={request.n} is more than this server decodes at once for a request "
@@ -202,6 +212,9 @@ class Scheduler:
         running = [c for job in self._running for c in job.choices if c.finish is None]
         self._metrics.report(len(running), self._cells_in_use(), self.kv_cells,
                              self._slots.idle_cells())
+        self._metrics.report_adapters(len(self._adapters),
+                                      (job.request.adapter for job in self._running),
+                                      (job.request.adapter for job in self._waiting))
         if self._cache is not None:
             cache = self._cache
             self._metrics.report_cache(cache.hits, cache.restored_tokens, cache.ram_used,
@@ -262,8 +275,9 @@ class Scheduler:
             self._metrics.queue_wait.observe(time.perf_counter() - job.submitted)
             self._reserved += job.reservation
             # Prompt log-probabilities need the logits of every prompt position: no reuse.
-            seq_ids, job.prefilled = self._slots.acquire(job.tokens, job.request.n,
-                                                         reuse=not job.wants_prompt_logits)
+            seq_ids, job.prefilled = self._slots.acquire(
+                job.tokens, job.request.n, reuse=not job.wants_prompt_logits,
+                tag=self._adapters.tag(job.request.adapter))  # never another adapter's KV
             job.cached = job.prefilled
             self._slots.trim_idle(self.kv_cells - self._reserved)
             for index, seq_id in enumerate(seq_ids):
@@ -290,12 +304,22 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------------
 
+    def _group(self) -> list[Job]:
+        """The running requests this step decodes: those of one adapter (None: the base
+        model), which lora.Turns picks and which goes on the context (one per llama_decode)."""
+        live = [job for job in self._running
+                if job.prefilling or any(c.finish is None for c in job.choices)]
+        adapter = self._turns.next({job.request.adapter for job in live})
+        self._adapters.apply(self.ctx, adapter)
+        return [job for job in live if job.request.adapter == adapter]
+
     def _step(self) -> None:
         """Plan one batch, decode it, commit it, sample every choice that has logits in it."""
         began = time.perf_counter()
-        decoding = [c for job in self._running if not job.prefilling for c in job.choices
+        group = self._group()
+        decoding = [c for job in group if not job.prefilling for c in job.choices
                     if c.finish is None]
-        prefilling = [job for job in self._running if job.prefilling]
+        prefilling = [job for job in group if job.prefilling]
         drafted = self._spec.plan(decoding, self.config.batch_tokens, bool(prefilling)) \
             if self._spec else None
         entries = plan_batch(
