@@ -32,8 +32,11 @@ def small(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture(scope="module")
-def client(small: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0)
+def client(small: LiveServer) -> Iterator[openai.OpenAI]:
+    # closed at the end: its pooled sockets left to the garbage collector fail the session
+    # with ResourceWarnings (warnings are errors), whenever a collection happens to find them
+    with openai.OpenAI(base_url=f"{small.url}/v1", api_key="unused", max_retries=0) as client:
+        yield client
 
 
 def complete(client: openai.OpenAI, prompt: str, **kwargs: Any) -> Any:
