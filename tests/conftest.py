@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _default_sigint() -> None:
+    """In the server's process: Ctrl-C as a terminal delivers it, even where the tests run in
+    the background of a shell without job control, which starts them with SIGINT ignored (the
+    server then inherits that, and Python raises no KeyboardInterrupt for it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LiveServer:
     """`python -m server` in a subprocess, as a user runs it."""
 
@@ -40,7 +48,7 @@ class LiveServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--port", str(self.port), *args],
             cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self._log_file,
-            stderr=subprocess.STDOUT)
+            stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60.0) -> None:

@@ -51,9 +51,10 @@ async def evict(engine: LlamaEngine) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("unified", [False, True], ids=["kv-streams", "kv-unified"])
 async def test_a_document_evicted_from_every_slot_is_restored_from_ram(
-        smollm2_path: Path, tmp_path: Path) -> None:
-    async with engine(smollm2_path, tmp_path) as eng:
+        smollm2_path: Path, tmp_path: Path, unified: bool) -> None:
+    async with engine(smollm2_path, tmp_path, kv_unified=unified) as eng:
         cold, usage = await ask(eng, DOCUMENT + "\nQuestion: which river?")
         assert usage.cached_tokens == 0 and usage.prompt_tokens > 600
         await evict(eng)
