@@ -100,3 +100,15 @@ async def test_llama_servers_lora_field_is_reported_as_ignored(http: httpx.Async
     reply = await complete(http, "base", lora=[{"id": 0, "scale": 1.0}])
     assert reply.status_code == 200 and "lora" in reply.headers["x-ignored-fields"]
     assert engine.requests[-1].adapter is None  # the model name picks adapters, nothing else
+
+
+async def test_ollama_tags_list_the_adapters_whose_file_is_here(http: httpx.AsyncClient,
+                                                               tmp_path: Path) -> None:
+    base = tmp_path / "org--b" / "b-Q4_K_M.gguf"  # the entry's download, here
+    base.parent.mkdir()
+    base.write_bytes(b"not a GGUF header")
+    names = {m["name"]: m for m in (await http.get("/api/tags")).json()["models"]}
+    # fr is a Hub adapter not downloaded yet; base:Q8_0's file is not here either
+    assert set(names) == {"base", "base:sql"}
+    assert names["base:sql"]["size"] == base.stat().st_size + 100
+    assert names["base:sql"]["digest"] != names["base"]["digest"]

@@ -125,11 +125,23 @@ def _human(count: int) -> str:
 
 @router.get("/api/tags", responses={401: ERRORS[401]})
 async def tags(registry: RegistryDep) -> TagsResponse:
-    """The registry's models whose GGUF is on disk (each published quant that is, as id:QUANT)."""
+    """The registry's models whose GGUF is on disk (each published quant that is, as id:QUANT,
+    and each LoRA adapter whose file is, as id:adapter)."""
     found = [f for spec in _variants(registry) if (f := await _on_disk(registry, spec))]
-    return TagsResponse(models=[
-        ListedModel(name=f.spec.id, model=f.spec.id, modified_at=f.modified_at, size=f.size,
-                    digest=f.digest, details=_details(f.spec, f.meta)) for f in found])
+    listed = []
+    for f in found:
+        listed.append(ListedModel(name=f.spec.id, model=f.spec.id, modified_at=f.modified_at,
+                                  size=f.size, digest=f.digest, details=_details(f.spec, f.meta)))
+        # its LoRA adapters whose file is here, as the models a request names (`id:adapter`)
+        for adapter in f.spec.lora if f.spec.id in registry.specs else ():
+            file = registry.lora_file(adapter)
+            if file.is_file():
+                name = f"{f.spec.id}:{adapter.name}"
+                listed.append(ListedModel(
+                    name=name, model=name, modified_at=f.modified_at,
+                    size=f.size + file.stat().st_size, digest=_sha256(f"{f.digest}:{file}"),
+                    details=_details(f.spec, f.meta)))
+    return TagsResponse(models=listed)
 
 
 @router.post("/api/show", responses=ERRORS)
