@@ -202,3 +202,21 @@ def test_the_disk_bound_deletes_the_oldest_files(tmp_path: Path) -> None:
     store.close()
     assert len(list(tmp_path.glob("*.kv"))) == 1 == len(store)
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_damaged_file_is_dropped_and_the_prompt_read_again(tmp_path: Path) -> None:
+    kv, store = Kv(1), cache(ram=0, directory=tmp_path)
+    pool = SlotPool(kv, 1, share_cells=False, cache=store)
+    document = tokens(700, 0)
+    run(pool, kv, document)
+    pool.persist()
+    store.close()
+    (saved,) = tmp_path.glob("*.kv")
+    saved.write_bytes(saved.read_bytes()[:-10])  # cut short (a full disk, another writer)
+
+    kv, store = Kv(1), cache(ram=0, directory=tmp_path)
+    pool = SlotPool(kv, 1, share_cells=False, cache=store)
+    assert len(store) == 1  # the header still reads
+    assert run(pool, kv, [*document, 1])[1] == 0  # but its state does not: read again
+    store.close()
+    assert not saved.exists() and len(store) == 0
