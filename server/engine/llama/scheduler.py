@@ -12,13 +12,11 @@ the error at once.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from typing import Any
 
 import llama_cpp as lc
 
@@ -35,6 +33,7 @@ from server.engine.llama.jobs import (
     prepare_job,
     stop_token_ids,
 )
+from server.engine.llama.kv import ContextKv, state_fingerprint
 from server.engine.llama.logits import LogitReader
 from server.engine.llama.lora import Adapters, Turns
 from server.engine.llama.native import NativeModel
@@ -87,9 +86,9 @@ class Scheduler:
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
-        self._cache = PromptCache(config.prompt_cache, _fingerprint(model, config)) \
+        self._cache = PromptCache(config.prompt_cache, state_fingerprint(model, config)) \
             if config.prompt_cache.enabled else None
-        self._slots = SlotPool(_Memory(self.ctx, self._memory), config.parallel,
+        self._slots = SlotPool(ContextKv(self.ctx), config.parallel,
                                share_cells=config.kv_unified, cache=self._cache)
         self._reserved = 0
         self._closing = False
@@ -561,42 +560,3 @@ class Scheduler:
             job.fail(error)
         self._running.clear()
         self._waiting.clear()
-
-
-def _fingerprint(model: NativeModel, config: ContextConfig) -> str:
-    """What a saved sequence state depends on: the model file, the KV cache's types and its
-    streams, and the llama.cpp that wrote it."""
-    stat = model.path.stat()
-    streams = 1 if config.kv_unified else config.parallel
-    return (f"{model.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{config.cache_type_k}|"
-            f"{config.cache_type_v}|{streams}|llama-cpp-python {lc.__version__}")
-
-
-class _Memory:
-    """A context's KV cache as the slot pool uses it."""
-
-    def __init__(self, ctx: Any, memory: Any) -> None:
-        self._ctx = ctx
-        self._memory = memory
-
-    def remove(self, seq_id: int, start: int) -> None:
-        lc.llama_memory_seq_rm(self._memory, seq_id, start, -1)
-
-    def copy(self, src: int, dst: int, end: int) -> None:
-        lc.llama_memory_seq_cp(self._memory, src, dst, 0, end)
-
-    def state_size(self, seq_id: int) -> int:
-        return int(lc.llama_state_seq_get_size(self._ctx, seq_id))
-
-    def save(self, seq_id: int) -> bytearray:
-        size = self.state_size(seq_id)
-        data = bytearray(size)  # written in place: a 2,000-token state is tens of MB
-        written = lc.llama_state_seq_get_data(
-            self._ctx, (ctypes.c_uint8 * size).from_buffer(data), size, seq_id)
-        del data[written:]
-        return data
-
-    def restore(self, seq_id: int, data: bytearray) -> bool:
-        source = (ctypes.c_uint8 * len(data)).from_buffer(data)
-        restored: int = lc.llama_state_seq_set_data(self._ctx, source, len(data), seq_id)
-        return restored == len(data)
