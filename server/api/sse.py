@@ -86,7 +86,7 @@ def stream_response(events: AsyncIterator[bytes], *, on_close: Callable[[], None
             yield done
 
     return EventStream(framed(), media_type=media_type, ping=ping,
-                       cut_short=error(SHUTTING_DOWN) + done)
+                       cut_short=lambda: error(SHUTTING_DOWN) + done)
 
 
 class EventStream(Response):
@@ -95,11 +95,14 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[bytes], *, media_type: str = "text/event-stream",
-                 ping: bytes | None = b": ping\n\n", cut_short: bytes = b"") -> None:
+                 ping: bytes | None = b": ping\n\n",
+                 cut_short: Callable[[], bytes] = lambda: b"") -> None:
         self._events = events
         self.media_type = media_type
         self._ping_frame = ping
-        self._cut_short = cut_short  # what ends a stream the server's shutdown cut short
+        # What ends a stream the server's shutdown cut short, made then: a dialect's frame
+        # numbers its events (the Responses stream) and carries the output so far.
+        self._cut_short = cut_short
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -141,7 +144,7 @@ class EventStream(Response):
         if task is not None:
             task.uncancel()
         if not self._ended:
-            body = b"" if self._events_done else self._cut_short
+            body = b"" if self._events_done else self._cut_short()
             self._ended = True
             await send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -120,16 +120,13 @@ class _ResponseStream:
 
     def error(self, exc: ServerError | None) -> bytes:
         """The in-band frames of a failure after the stream started (sequence numbers follow
-        the last event; the frame made up front for a shutdown reuses the first two)."""
+        the last event)."""
         detail = (internal_error_body() if exc is None else error_body(exc))["error"]
         client_error = exc is not None and exc.status_code < 500
         failed = self._draft.model_copy(update={
             "status": "failed", "output": list(self._builder.items),
             "error": ResponseError(code="invalid_prompt" if client_error else "server_error",
                                    message=detail["message"])})
-        sequence = self._sequence
-        frames = self._frame({"type": "error", "code": detail["code"],
-                              "message": detail["message"], "param": detail["param"]}) + \
+        return self._frame({"type": "error", "code": detail["code"],
+                            "message": detail["message"], "param": detail["param"]}) + \
             self._lifecycle("failed", failed)
-        self._sequence = sequence
-        return frames
