@@ -11,10 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import llama_cpp as lc
 import openai
 import pytest
 
+from server.engine.llama.gguf import read_gguf
 from tests.conftest import LiveServer
 from tests.gguf_factory import write_gguf
 
@@ -142,3 +144,17 @@ def test_a_draft_model_with_another_vocabulary_is_refused(client: openai.OpenAI)
     with pytest.raises(openai.APIStatusError, match="cannot draft for this model") as caught:
         chat(client, "mismatched", max_tokens=2)
     assert caught.value.status_code >= 500
+
+
+def test_a_draft_model_counts_in_its_models_memory(client: openai.OpenAI, live: LiveServer,
+                                                   smollm2_path: Path) -> None:
+    complete(client, "ngram", max_tokens=1)
+    complete(client, "self-draft", max_tokens=1)
+    models = {m["id"]: m for m in httpx.get(f"{live.url}/v1/models").json()["data"]}
+    # the same target either way; self-draft also holds the draft (the same GGUF again) and
+    # its context of n_ctx x parallel cells
+    draft = read_gguf(smollm2_path)
+    expected = draft.weights_bytes + draft.kv_bytes_per_token * 1024 * 4
+    ram = {m: models[m]["placement"]["memory_ram_bytes"] for m in ("self-draft", "ngram")}
+    extra = ram["self-draft"] - ram["ngram"]
+    assert extra == pytest.approx(expected, rel=0.01)

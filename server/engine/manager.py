@@ -324,6 +324,7 @@ class LlamaEngine:
             gguf = (await asyncio.to_thread(read_gguf, path)).with_cache(
                 spec.cache_type_k, spec.cache_type_v)
             gguf = await self._with_adapters(spec, gguf)
+            gguf = await self._with_draft(spec, gguf)
             workers = await asyncio.to_thread(worker_devices, spec.rpc) if spec.rpc else []
             async with self._budget_lock:
                 n_ctx = spec.n_ctx or min(gguf.n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
@@ -340,6 +341,18 @@ class LlamaEngine:
             raise
         finally:
             self._pending.pop(spec.id, None)
+
+    async def _with_draft(self, spec: ModelSpec, gguf: GGUFInfo) -> GGUFInfo:
+        """`gguf` with the draft model of `spec` counted (its weights and KV load with it), so
+        that the budgets and the GPU plan include it; a missing draft file is the loader's to
+        report."""
+        if spec.draft is None or spec.embedding or self.settings.speculative == "off":
+            return gguf
+        path = self.registry.local_file(self.registry.get(spec.draft))
+        if not path.is_file():
+            return gguf
+        draft = await asyncio.to_thread(read_gguf, path)
+        return gguf.with_draft(draft.with_cache(spec.cache_type_k, spec.cache_type_v))
 
     async def _with_adapters(self, spec: ModelSpec, gguf: GGUFInfo) -> GGUFInfo:
         """`gguf` with the LoRA adapters of `spec` counted (those from a repo downloaded

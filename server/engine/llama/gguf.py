@@ -87,6 +87,13 @@ class GGUFInfo:
         return replace(self, layer_bytes=tuple(layers),
                        other_bytes=self.other_bytes + sum(a.other_bytes for a in adapters))
 
+    def with_draft(self, draft: GGUFInfo) -> GGUFInfo:
+        """This model with a draft model beside it (speculative decoding): the draft's weights
+        with the model's output head, its KV per token (a context of as many cells, in the
+        model's cache types: `draft` read with with_cache) with the model's."""
+        return replace(self, other_bytes=self.other_bytes + draft.weights_bytes,
+                       kv_bytes_per_token=self.kv_bytes_per_token + draft.kv_bytes_per_token)
+
     def with_cache(self, type_k: str, type_v: str) -> GGUFInfo:
         """This model with its KV cache in `type_k` / `type_v` (KV_TYPES): what it costs."""
         k, v = self.kv_elements_per_token
