@@ -220,3 +220,13 @@ def test_a_damaged_file_is_dropped_and_the_prompt_read_again(tmp_path: Path) -> 
     assert run(pool, kv, [*document, 1])[1] == 0  # but its state does not: read again
     store.close()
     assert not saved.exists() and len(store) == 0
+
+
+def test_a_failed_restore_into_a_slot_that_shared_a_prefix_claims_nothing() -> None:
+    kv, store = Kv(1, fail_restore=True), cache()
+    pool = SlotPool(kv, 1, share_cells=False, cache=store)
+    document, tail = tokens(1000, 0), tokens(400, 1)
+    run(pool, kv, document + tail)
+    run(pool, kv, document[:100] + tokens(600, 2))  # keeps 100 tokens; the rest is saved
+    # the slot shares 100 tokens, the saved state 1,200: its restore is tried, and fails
+    assert run(pool, kv, document + tail[:200])[1] == 0  # (run checks the KV holds that)

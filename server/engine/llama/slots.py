@@ -84,6 +84,7 @@ class SlotPool:
             best, reused = idle[0], 0
         restored = self._restore(prompt, tag, idle[0], reused) if reuse else None
         if restored is None:
+            reused = min(reused, len(best.cached))  # a failed restore emptied idle[0]
             self._truncate(best, reused)
         else:
             best, reused = idle[0], restored
