@@ -13,13 +13,11 @@ BLOCK = 64
 H = TypeVar("H", bound=Hashable)
 
 
-def block_keys(tokens: list[int], limit: int | None = None,
-               tag: Hashable = None) -> Iterator[int]:
+def block_keys(tokens: list[int], tag: Hashable = None) -> Iterator[int]:
     """Chained hashes of `tokens`' full blocks: key k identifies tokens[:BLOCK * (k + 1)]
     computed under `tag` (a LoRA adapter: the same tokens under another give other KV)."""
     key = 0 if tag is None else hash(("tag", tag))
-    end = len(tokens) if limit is None else min(limit, len(tokens))
-    for start in range(0, end - BLOCK + 1, BLOCK):
+    for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
         key = hash((key, *tokens[start:start + BLOCK]))
         yield key
 

@@ -101,7 +101,7 @@ class PromptCache:
 
     def keeps(self, tokens: list[int], tag: str | None) -> bool:
         """Whether saving `tokens` would add nothing: too short, or an entry covers them."""
-        if len(tokens) < self.min_tokens or not (self.ram_bytes or self._disk):
+        if len(tokens) < self.min_tokens:
             return True
         found = self.longest(tokens, tag)
         return found is not None and found[1] == len(tokens)

@@ -306,6 +306,8 @@ class Scheduler:
     def _group(self) -> list[Job]:
         """The running requests this step decodes: those of one adapter (None: the base
         model), which lora.Turns picks and which goes on the context (one per llama_decode)."""
+        if not self._adapters:  # every request is the base model's: nothing to pick per step
+            return self._running
         live = [job for job in self._running
                 if job.prefilling or any(c.finish is None for c in job.choices)]
         adapter = self._turns.next({job.request.adapter for job in live})
