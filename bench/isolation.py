@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.servers import ROOT, Server, free_port
+from bench.servers import ROOT, Server, free_port, sse_chunks
 
 MODEL = "smollm2-135m-instruct"
 SCHEMA = {
@@ -51,11 +50,7 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> t
     tokens = 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
                              timeout=600) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(resp):
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -30,7 +29,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.servers import Server, bench_registry, free_port, ggserve_command, llama_server_command
+from bench.servers import (
+    Server,
+    bench_registry,
+    free_port,
+    ggserve_command,
+    llama_server_command,
+    sse_chunks,
+)
 from server.engine.llama.native import NativeModel
 from server.registry import Registry
 from server.settings import Settings
@@ -54,11 +60,7 @@ async def ttft(client: httpx.AsyncClient, url: str, prompt: str) -> tuple[float,
             "stream": True, "stream_options": {"include_usage": True}}
     start, first, cached = time.perf_counter(), 0.0, -1
     async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(resp):
             if not first and chunk.get("choices") and chunk["choices"][0].get("text"):
                 first = time.perf_counter()
             details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}

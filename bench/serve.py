@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import signal
@@ -42,6 +41,7 @@ from bench.servers import (  # noqa: E402
     ggserve_command,
     llama_cpp_python_command,
     llama_server_command,
+    sse_chunks,
 )
 
 if TYPE_CHECKING:
@@ -87,11 +87,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, object
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body,
                                  timeout=600) as resp:
-            resp.raise_for_status()
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(resp):
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     last = time.perf_counter()
                     first = first or last

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -75,6 +78,15 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+async def sse_chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a streamed OpenAI response (`[DONE]` and comment lines left out);
+    a status other than 2xx raises first."""
+    resp.raise_for_status()
+    async for line in resp.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
 
 
 async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import re
@@ -40,6 +39,7 @@ from bench.servers import (
     free_port,
     ggserve_command,
     llama_server_command,
+    sse_chunks,
 )
 
 MODES = ("off", "ngram", "draft")
@@ -106,11 +106,7 @@ async def one_run(client: httpx.AsyncClient, url: str, path: str,
     first = last = 0.0
     tokens, parts = 0, []
     async with client.stream("POST", url + path, json=fields, timeout=900) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(resp):
             if chunk.get("usage"):
                 tokens = int(chunk["usage"]["completion_tokens"])
             for choice in chunk.get("choices") or []:
