@@ -4,6 +4,7 @@ and restoring a sequence's state (the prompt cache), with what such a state depe
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
@@ -12,13 +13,19 @@ from server.engine.llama.context import ContextConfig
 from server.engine.llama.native import NativeModel
 
 
+def file_identity(path: Path) -> str:
+    """A file as KV computed with it depends on it: where it is, its size and its mtime (a
+    file replaced under the same name is another one)."""
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def state_fingerprint(model: NativeModel, config: ContextConfig) -> str:
     """What a saved sequence state depends on: the model file, the KV cache's types and its
     streams, and the llama.cpp that wrote it."""
-    stat = model.path.stat()
     streams = 1 if config.kv_unified else config.parallel
-    return (f"{model.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{config.cache_type_k}|"
-            f"{config.cache_type_v}|{streams}|llama-cpp-python {lc.__version__}")
+    return (f"{file_identity(model.path)}|{config.cache_type_k}|{config.cache_type_v}|"
+            f"{streams}|llama-cpp-python {lc.__version__}")
 
 
 class ContextKv:

@@ -24,6 +24,7 @@ from typing import Any
 
 import llama_cpp as lc
 
+from server.engine.llama.kv import file_identity
 from server.engine.llama.native import NativeModel, native_errors
 from server.errors import ModelLoadFailed
 from server.registry import LoraSpec
@@ -102,8 +103,7 @@ def load_adapters(model: NativeModel, specs: Sequence[LoraSpec],
         for spec, file in zip(specs, files, strict=True):
             if not file.is_file():
                 raise ModelLoadFailed(f"LoRA adapter '{spec.name}': file not found: {file}")
-            stat = file.stat()
-            tag = f"{spec.name}|{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{spec.scale}"
+            tag = f"{spec.name}|{file_identity(file)}|{spec.scale}"
             loaded.append(Adapter(spec.name, _load_one(model, spec.name, file), spec.scale, tag))
             log.info("LoRA adapter %s loaded from %s (scale %g)", spec.name, file, spec.scale)
     except BaseException:
