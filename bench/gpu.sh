@@ -11,12 +11,19 @@
 #      sampling on (the server's default on a GPU) and off
 #   3. bench/serve.py, StableLM-3B at 1 and 32 streams
 #   4. the GPU tests (pytest -m gpu)
+# STAGES picks and orders them (default "serve7b profile7b serve3b tests"); three more:
+#   isolation  bench/isolation.py on the GPU with .gpu/smollm2-cut.gguf (bench/cut_model.py,
+#              written here first: the default model itself is too large to travel)
+#   host-gpu   bench/serve.py --mode host: the tiny model on the GPU in both servers
+#   host-cpu   the same on the CPU (CUDA_VISIBLE_DEVICES=""), 2 threads on a 16-core host
+# e.g. STAGES="isolation host-gpu host-cpu tests" bash bench/gpu.sh
 # Everything lands in $OUT (run.log, the servers' logs).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; exec > >(tee -a "$OUT/run.log") 2>&1
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 LIMIT=${LIMIT:-585}; left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 W=/tmp/gpu; mkdir -p "$W"
+STAGES=" ${STAGES:-serve7b profile7b serve3b tests} "; want() { [[ $STAGES == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 [ -f "$W/lcp/vendor/llama.cpp/CMakeLists.txt" ] || { rm -rf "$W/lcp"; mkdir -p "$W/lcp";
   tar xzf .gpu/lcp.tgz -C "$W/lcp" --strip-components=1; }
@@ -26,9 +33,9 @@ export PYTHONPATH="$PWD:$W/lcp:$W/site" LLAMA_CPP_LIB_PATH="$W/build/bin" PYTHON
 export LLAMA_SERVER="$W/build/bin/llama-server"
 M7="$W/mistral7b.Q4_K_M.gguf"; M3="$W/stablelm3b.Q4_K_M.gguf"
 (  # the models, while llama.cpp builds (numpy and gguf only)
-  if [ ! -f "$M7" ]; then python3 -m tests.gguf_factory --arch llama --shape mistral-7b \
+  if want serve7b || want profile7b && [ ! -f "$M7" ]; then python3 -m tests.gguf_factory --arch llama --shape mistral-7b \
     --dtype q4_k_m --vocab-size 32000 "$M7.part" && mv "$M7.part" "$M7"; fi
-  if [ ! -f "$M3" ]; then python3 -m tests.gguf_factory --arch stablelm --shape stablelm-3b \
+  if want serve3b && [ ! -f "$M3" ]; then python3 -m tests.gguf_factory --arch stablelm --shape stablelm-3b \
     --dtype q4_k_m --vocab-size 50304 "$M3.part" && mv "$M3.part" "$M3"; fi
 ) > "$OUT/synth.log" 2>&1 &
 SYNTH=$!
@@ -43,7 +50,7 @@ if [ ! -x "$LLAMA_SERVER" ]; then
     || { grep -m5 -B2 -A8 "FAILED\|error" "$OUT/build.log"; exit 1; }
   el "built"
 fi
-wait $SYNTH; cat "$OUT/synth.log"; ls -la "$W"/*.gguf || exit 1
+wait $SYNTH; cat "$OUT/synth.log"; ls -la "$W"/*.gguf
 python3 -c "import llama_cpp; print('llama.cpp GPU offload:', llama_cpp.llama_supports_gpu_offload())"
 
 stage() {  # stage NAME MIN MAX CMD...: run CMD for at most MAX s, if MIN s are left
@@ -51,18 +58,31 @@ stage() {  # stage NAME MIN MAX CMD...: run CMD for at most MAX s, if MIN s are 
   if [ "$(left)" -lt "$need" ]; then el "skipped $name: $(left) s left"; return; fi
   t=$(left); [ "$t" -gt "$most" ] && t=$most
   el "$name"; timeout "$t" "$@"; el "$name: rc $?"
-  cp /tmp/bench-*.log "$OUT/" 2>/dev/null
+  mkdir -p "$W/logs/$name"; cp /tmp/bench-*.log "$W/logs/$name/" 2>/dev/null
 }
-stage "serve, Mistral-7B shape" 120 240 python3 bench/serve.py --model "$M7" --llama-server "$LLAMA_SERVER" \
-  --servers ggserve,llama-server --concurrency 1,8,32 --max-tokens 256 --threads 8 --repeat 3 \
-  --label gpu
-stage "step profile, Mistral-7B shape, backend sampling" 30 60 python3 bench/step_profile.py --model "$M7" \
-  --gpu-layers -1 --threads 8 --max-tokens 128 --sequences 1 32 --backend-sampling
-stage "step profile, Mistral-7B shape, CPU sampling" 30 60 python3 bench/step_profile.py --model "$M7" \
-  --gpu-layers -1 --threads 8 --max-tokens 128 --sequences 1 32
-stage "serve, StableLM-3B shape" 60 150 python3 bench/serve.py --model "$M3" --llama-server "$LLAMA_SERVER" \
-  --servers ggserve,llama-server --concurrency 1,32 --max-tokens 256 --threads 8 --repeat 2 \
-  --label gpu
-stage "GPU tests" 30 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_devices.py \
-  tests/engine/test_sampling.py
+for name in $STAGES; do case $name in
+serve7b) stage "serve, Mistral-7B shape" 120 240 python3 bench/serve.py --model "$M7" \
+  --llama-server "$LLAMA_SERVER" --servers ggserve,llama-server --concurrency 1,8,32 \
+  --max-tokens 256 --threads 8 --repeat 3 --label gpu ;;
+profile7b)
+  stage "step profile, Mistral-7B shape, backend sampling" 30 60 python3 bench/step_profile.py \
+    --model "$M7" --gpu-layers -1 --threads 8 --max-tokens 128 --sequences 1 32 --backend-sampling
+  stage "step profile, Mistral-7B shape, CPU sampling" 30 60 python3 bench/step_profile.py \
+    --model "$M7" --gpu-layers -1 --threads 8 --max-tokens 128 --sequences 1 32 ;;
+serve3b) stage "serve, StableLM-3B shape" 60 150 python3 bench/serve.py --model "$M3" \
+  --llama-server "$LLAMA_SERVER" --servers ggserve,llama-server --concurrency 1,32 \
+  --max-tokens 256 --threads 8 --repeat 2 --label gpu ;;
+isolation) stage "grammar isolation, cut default model" 40 120 python3 bench/isolation.py \
+  --model .gpu/smollm2-cut.gguf --rounds 3 --max-tokens 256 ;;
+host-gpu) stage "host work per token, tiny model on the GPU" 40 120 python3 bench/serve.py \
+  --mode host --llama-server "$LLAMA_SERVER" --label gpu ;;
+host-cpu) stage "host work per token, tiny model, CPU, 2 threads" 40 120 \
+  env CUDA_VISIBLE_DEVICES= python3 bench/serve.py --mode host --llama-server "$LLAMA_SERVER" ;;
+tests) stage "GPU tests" 30 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
+  tests/test_devices.py tests/engine/test_sampling.py ;;
+*) el "unknown stage $name" ;;
+esac; done
 el "done"
+# what comes back is at most 8 files: run.log and one archive of the rest
+tar czf "$W/logs.tgz" --exclude=run.log -C "$W" logs -C "$OUT" . && mv "$W/logs.tgz" "$OUT/"
+find "$OUT" -maxdepth 1 -type f ! -name run.log ! -name logs.tgz -delete

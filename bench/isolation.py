@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +47,10 @@ SCHEMA = {
 }
 
 
-async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[int, float]:
-    """(tokens, seconds from the first token to the last) of one streamed chat completion."""
+async def stream(client: httpx.AsyncClient, url: str,
+                 body: dict[str, Any]) -> tuple[int, float, float]:
+    """(tokens, seconds from the first token to the last, when it ended) of one streamed chat
+    completion."""
     first = last = 0.0
     tokens = 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
@@ -56,7 +61,7 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> t
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
-    return tokens, last - first
+    return tokens, last - first, time.perf_counter()
 
 
 def plain(i: int, max_tokens: int) -> dict[str, Any]:
@@ -85,20 +90,34 @@ async def one_round(url: str, max_tokens: int, ninth: str | None) -> tuple[float
             jobs.append(stream(client, url, constrained(max_tokens) if ninth == "json_schema"
                                else plain(8, max_tokens)))
         results = await asyncio.gather(*jobs)
-        ended = time.perf_counter()
-    aggregate = sum(t for t, _ in results[:8]) / (ended - began)
+    # Over the eight's own time: a ninth stream that ends later must not stretch it.
+    ended = max(end for _, _, end in results[:8])
+    aggregate = sum(t for t, _, _ in results[:8]) / (ended - began)
     own = results[8][0] / results[8][1] if ninth is not None and results[8][1] > 0 else 0.0
     return aggregate, own
 
 
+def registry(model: Path, template: str | None) -> Path:
+    """A models.yaml serving `model` under the default model's id and settings (on a GPU
+    machine, where the default model's package is not installed: bench/cut_model.py)."""
+    path = Path(tempfile.mkdtemp()) / "models.yaml"
+    path.write_text(f"models:\n  {MODEL}:\n    path: {model.resolve()}\n"
+                    "    stop: [\"<|im_end|>\"]\n    n_ctx: 8192\n    n_gpu_layers: -1\n"
+                    "    sampling: {temperature: 0.2, top_p: 0.9}\n"
+                    + (f"    template: {template}\n" if template else ""))
+    return path
+
+
 async def measure(name: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
+    models = ["--models-file", str(registry(args.model, args.template))] if args.model else []
     server = Server(name, [sys.executable, "-m", "server", "--port", str(port), "--parallel",
-                           "9", "--log-level", "warning", *args.server_args.split()], port,
-                    cwd=root)
+                           "9", "--log-level", "warning", *models, *args.server_args.split()],
+                    port, cwd=root)
     try:
         await server.ready()
         await one_round(server.url, 16, "json_schema")  # warm-up
+        rejections = await grammar_rejections(server.url)
         runs: dict[str, list[float]] = {k: [] for k in ("alone", "plain", "plain_own",
                                                          "beside", "own")}
         for _ in range(args.rounds):
@@ -109,9 +128,20 @@ async def measure(name: str, root: Path, args: argparse.Namespace) -> dict[str, 
             aggregate, own = await one_round(server.url, args.max_tokens, "json_schema")
             runs["beside"].append(aggregate)
             runs["own"].append(own)
+        rejections = await grammar_rejections(server.url) - rejections
     finally:
         server.stop()
-    return {k: statistics.median(v) for k, v in runs.items()}
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    medians["rejections"] = rejections / args.rounds
+    return medians
+
+
+async def grammar_rejections(url: str) -> float:
+    """ggserve:grammar_rejections_total, summed over models (0 where a server has none)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics", timeout=30)).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ggserve:grammar_rejections_total"))
 
 
 def main() -> None:
@@ -119,6 +149,10 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout to compare with")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--model", type=Path, help="serve this GGUF as the default model "
+                        "(e.g. bench/cut_model.py's cut of it on a GPU machine)")
+    parser.add_argument("--template", help="with --model: a template of templates/ for a "
+                        "GGUF without one (e.g. chatml for tests.gguf_factory's models)")
     parser.add_argument("--server-args", default="", help="more flags for ggserve (this "
                         "checkout's), e.g. '--backend-sampling on'")
     args = parser.parse_args()
@@ -126,15 +160,17 @@ def main() -> None:
     if args.baseline:
         args.server_args = ""
         rows["baseline"] = asyncio.run(measure("baseline", args.baseline, args))
-    print(f"\n8 plain chat streams of {MODEL}, {args.max_tokens} tokens each, medians of "
-          f"{args.rounds} rounds\n")
+    what = args.model.name if args.model else MODEL
+    print(f"\n{platform.machine()}, {os.cpu_count()} cores; 8 plain chat streams of {what}, "
+          f"{args.max_tokens} tokens each, medians of {args.rounds} rounds\n")
     print("| server | 8 plain alone | + a 9th plain stream | ratio | + a json_schema stream "
-          "| ratio | the 9th plain stream itself | the json_schema stream itself |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ratio | the 9th plain stream itself | the json_schema stream itself "
+          "| grammar refusals per round |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['alone']:.1f} | {r['plain']:.1f} | {r['plain'] / r['alone']:.2f} "
               f"| {r['beside']:.1f} | {r['beside'] / r['alone']:.2f} | {r['plain_own']:.1f} "
-              f"| {r['own']:.1f} |")
+              f"| {r['own']:.1f} | {r['rejections']:.0f} |")
     print("\n(tokens/s; the 8 plain streams' aggregate, and each ninth stream's own rate)")
 
 

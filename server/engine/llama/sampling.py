@@ -6,7 +6,9 @@ serially on the scheduler thread, while every other sequence waits). As llama.cp
 common_sampler does, the chain samples first and the grammar checks the one token chosen; only a
 rejected token makes the grammar filter candidates, and then the highest-scoring few hundred
 before the whole vocabulary (exact whenever at least `top_k` of them pass, and always for
-greedy decoding).
+greedy decoding). Where even those cannot decide, `try_sample()` hands the whole-vocabulary
+filter to `resolve()`, which the scheduler runs on another thread while the batch goes on
+without this sequence.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class SequenceSampler:
         self._add_selection(self.chain, params, seed)
         self.in_graph = False  # attached to the context as a backend sampler
         self._cur: np.ndarray[Any, Any] | None = None  # candidate buffer, grammar path only
+        # The one candidate a grammar checks per token, allocated once.
+        self._one = lc.llama_token_data()
+        self._one_arr = lc.llama_token_data_array(data=ctypes.pointer(self._one), size=1,
+                                                  selected=-1, sorted=False)
         self.rejections = 0  # tokens the grammar refused (metrics, tests)
         # Greedy without penalties is an argmax: numpy does it in a few µs where the native
         # chain first copies the whole vocabulary into candidates (~50 µs at 32K tokens).
@@ -113,6 +119,13 @@ class SequenceSampler:
 
     def sample(self, ctx: Any, row: int) -> int:
         """The next token from the logits of batch row `row`, accepted by the chain."""
+        token = self.try_sample(ctx, row)
+        return self.resolve() if token is None else token
+
+    def try_sample(self, ctx: Any, row: int) -> int | None:
+        """As sample(), or None where the grammar refused the chain's choice and only filtering
+        the whole vocabulary can decide: the row's logits are copied, and `resolve()` (on any
+        thread, before this sampler is used again) finishes the sampling."""
         if self.in_graph:
             token = int(lc.llama_get_sampled_token_ith(ctx, row))
             if token != lc.LLAMA_TOKEN_NULL:
@@ -122,10 +135,43 @@ class SequenceSampler:
             return self._greedy(ctx, row)
         if self._grammar is None:
             return int(lc.llama_sampler_sample(self.chain, ctx, row))
-        token = self._sample_constrained(ctx, row)
+        if self._penalties is None:
+            # llama.cpp builds the candidates (a Python copy of the vocabulary costs more than
+            # the chain) and accepts the token into the chain, which keeps no state that a
+            # refused token could change when it has no penalties.
+            chosen = int(lc.llama_sampler_sample(self.chain, ctx, row))
+            if self._allowed(chosen):
+                lc.llama_sampler_accept(self._grammar, chosen)
+                return chosen
+        else:
+            cur, arr = self._candidates(ctx, row)
+            lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
+            chosen = int(cur["id"][arr.selected])
+            if self._allowed(chosen):
+                self._accept(chosen)
+                return chosen
+        self.rejections += 1
+        picked = self._sample_from_prefix(ctx, row)
+        if picked is None:
+            self._candidates(ctx, row)  # a copy: the next decode overwrites the row
+            return None
+        self._accept(picked)
+        return picked
+
+    def resolve(self) -> int:
+        """The token of a deferred try_sample(): the whole vocabulary through the grammar, then
+        the chain over what passes. Pure host work that releases the GIL in llama.cpp."""
+        assert self._cur is not None
+        arr = _array(self._cur, len(self._cur))
+        lc.llama_sampler_apply(self._grammar, ctypes.byref(arr))
+        lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        token = int(self._cur["id"][arr.selected])
+        self._accept(token)
+        return token
+
+    def _accept(self, token: int) -> None:
         lc.llama_sampler_accept(self._grammar, token)
         lc.llama_sampler_accept(self.chain, token)
-        return token
 
     def _greedy(self, ctx: Any, row: int) -> int:
         """The highest logit after the logit bias (the first one on ties, as llama.cpp's
@@ -149,34 +195,23 @@ class SequenceSampler:
     # ---- the grammar path ------------------------------------------------------------------
 
     def _candidates(self, ctx: Any, row: int) -> tuple[np.ndarray[Any, Any], Any]:
+        """Every token with its logit of row `row`, in id order (as llama.cpp builds them)."""
         if self._cur is None:
             self._cur = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
-            self._ids = np.arange(self._n_vocab, dtype=np.int32)
+            self._fresh = self._cur.copy()
+            self._fresh["id"] = np.arange(self._n_vocab, dtype=np.int32)
         cur = self._cur
-        cur["id"] = self._ids
-        cur["logit"] = logits_row(ctx, row, self._n_vocab)
-        cur["p"] = 0
+        words, fresh = cur.view(np.float32).reshape(-1, 3), \
+            self._fresh.view(np.float32).reshape(-1, 3)  # as floats: copies that numpy vectorises
+        np.copyto(words, fresh)
+        words[:, 1] = logits_row(ctx, row, self._n_vocab)
         return cur, _array(cur, len(cur))
 
     def _allowed(self, token: int) -> bool:
-        one = np.array([(token, 1.0, 0.0)], dtype=_TOKEN_DATA)
-        lc.llama_sampler_apply(self._grammar, ctypes.byref(_array(one, 1)))
-        return bool(math.isfinite(one["logit"][0]))
-
-    def _sample_constrained(self, ctx: Any, row: int) -> int:
-        cur, arr = self._candidates(ctx, row)
-        lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
-        token = int(cur["id"][arr.selected])
-        if self._allowed(token):
-            return token
-        self.rejections += 1
-        token_or_none = self._sample_from_prefix(ctx, row)
-        if token_or_none is not None:
-            return token_or_none
-        cur, arr = self._candidates(ctx, row)
-        lc.llama_sampler_apply(self._grammar, ctypes.byref(arr))
-        lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
-        return int(cur["id"][arr.selected])
+        one = self._one
+        one.id, one.logit, one.p = token, 1.0, 0.0  # type: ignore[assignment]
+        lc.llama_sampler_apply(self._grammar, ctypes.byref(self._one_arr))
+        return math.isfinite(one.logit)
 
     def _sample_from_prefix(self, ctx: Any, row: int) -> int | None:
         """Filter only the best-scoring candidates through the grammar; None when they cannot

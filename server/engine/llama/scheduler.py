@@ -38,6 +38,7 @@ from server.engine.llama.logits import LogitReader
 from server.engine.llama.lora import Adapters, Turns
 from server.engine.llama.native import NativeModel
 from server.engine.llama.prompt_cache import PromptCache
+from server.engine.llama.resolver import Resolver
 from server.engine.llama.sampling import SequenceSampler
 from server.engine.llama.slots import SlotPool
 from server.engine.llama.speculative import Speculation, Speculator, drop_rejected
@@ -104,6 +105,7 @@ class Scheduler:
         except Exception:
             lc.llama_free(self.ctx)
             raise
+        self._resolver = Resolver(name)  # grammar filters of the whole vocabulary
         self._adapters = adapters or Adapters()  # LoRA: one on the context per step
         self._turns = Turns()
         self._metrics.report_adapters(len(self._adapters), (), ())
@@ -169,6 +171,7 @@ class Scheduler:
         self._closing = True
         self._inbox.put(None)
         self._thread.join()
+        self._resolver.close()
         if self._cache is not None:
             if self._cache.durable:
                 self._slots.persist()  # the slots' caches, for the next start
@@ -318,9 +321,16 @@ class Scheduler:
         """Plan one batch, decode it, commit it, sample every choice that has logits in it."""
         began = time.perf_counter()
         group = self._group()
+        resolved = self._take_resolved() if self._resolver else 0
         decoding = [c for job in group if not job.prefilling for c in job.choices
                     if c.finish is None]
         prefilling = [job for job in group if job.prefilling]
+        if self._resolver:  # a choice whose grammar is still filtering sits this step out
+            decoding = [c for c in decoding if c not in self._resolver]
+            if not decoding and not prefilling:
+                self._deliver()
+                self._resolver.wait(timeout=0.05)
+                return
         drafted = self._spec.plan(decoding, self.config.batch_tokens, bool(prefilling)) \
             if self._spec else None
         entries = plan_batch(
@@ -338,7 +348,7 @@ class Scheduler:
             self._fail_batch(entries, decoding, prefilling, status)
             return
         self._commit(entries, decoding, prefilling)
-        emitted = self._sample(rows)
+        emitted = self._sample(rows) + resolved
         if not any(c.finish is None for job in self._running for c in job.choices):
             self._deliver()  # no next step to carry them
         self._metrics.stepped(len(rows), self._buffer.n, decoded - filled,
@@ -446,15 +456,30 @@ class Scheduler:
                 emitted += self._take_drafted(job, choice, index)
             else:
                 rejected = choice.sampler.rejections
-                sampled.append((job, choice, index, choice.sampler.sample(self.ctx, index)))
+                # A grammar's whole-vocabulary filter runs on a worker: the batch goes on.
+                # Log-probabilities need this row's logits, so those requests wait for it.
+                token = choice.sampler.try_sample(self.ctx, index) if \
+                    job.request.logprobs is None else choice.sampler.sample(self.ctx, index)
                 if choice.sampler.rejections != rejected:
                     self._metrics.grammar_rejections.inc()
+                if token is None:
+                    self._resolver.submit(choice)
+                else:
+                    sampled.append((job, choice, index, token))
         wanted = [s for s in sampled if s[0].request.logprobs is not None]
         for (_, choice, _, _), entry in zip(wanted, self._score_rows(wanted), strict=True):
             choice.logprobs.append(entry)
         for job, choice, _, token in sampled:
             self._advance(job, choice, token)
         return emitted + len(sampled)
+
+    def _take_resolved(self) -> int:
+        """Advance the choices whose grammar filter has ended; how many tokens they gained."""
+        count = 0
+        for choice, token in self._resolver.done():
+            self._advance(choice.job, choice, token)
+            count += 1
+        return count
 
     def _take_drafted(self, job: Job, choice: Choice, row: int) -> int:
         """Verify the choice's drafts (its rows from `row` on) and emit the tokens accepted;
@@ -522,6 +547,7 @@ class Scheduler:
         self._close_sampler(choice)
 
     def _close_sampler(self, choice: Choice) -> None:
+        self._resolver.forget(choice)  # no worker may still use the sampler
         choice.sampler.detach(self.ctx, choice.seq_id)
         choice.sampler.close()
 
