@@ -206,3 +206,39 @@ def test_a_seeded_backend_draw_repeats(model: NativeModel) -> None:
     first = first_token_distribution(model, params, backend=True, rounds=2)
     again = first_token_distribution(model, params, backend=True, rounds=2)
     assert first == again and len(first) > 1
+
+
+# A first token the model all but never samples: the chain's choice is refused, and with
+# top-k and min-p off the best-scoring candidates cannot decide what filtering every token would.
+UNLIKELY = 'root ::= "zq" [a-z]{0,6}'
+
+
+@pytest.mark.parametrize("repeat_penalty", [1.0, 1.3], ids=["no penalties", "penalties"])
+def test_a_refusal_only_the_vocabulary_decides_is_deferred_and_resolves_as_inline(
+        model: NativeModel, repeat_penalty: float) -> None:
+    ctx = Context(model)
+    prompt = model.tokenize(PROMPT, parse_special=True)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                            repeat_penalty=repeat_penalty)
+    inline, deferred = (SequenceSampler(params, model.n_vocab, 5,
+                                        parse_grammar(model.vocab, Grammar(UNLIKELY)))
+                        for _ in range(2))
+    ctx.buffer.add_tokens(prompt, 0, [0], "last")
+    ctx.decode()
+    row = len(prompt) - 1
+    expected = inline.sample(ctx.ctx, row)
+    assert deferred.try_sample(ctx.ctx, row) is None and deferred.rejections == 1
+    # another decode overwrites the row's logits: resolve() works on its own copy of them
+    ctx.buffer.clear()
+    ctx.buffer.add_tokens(model.tokenize("Something else entirely", parse_special=False),
+                          len(prompt), [0], "last")
+    ctx.decode()
+    assert deferred.resolve() == expected
+    assert model.piece(expected).decode().startswith("z")
+    # both grammars moved past the same token: they accept and refuse alike from here on
+    for text_ in ("q", "zq", "a", "{", " "):
+        token = model.tokenize(text_, parse_special=False)[0]
+        assert inline._allowed(token) == deferred._allowed(token), text_
+    inline.close()
+    deferred.close()
+    ctx.close()
