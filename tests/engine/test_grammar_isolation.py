@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ def constrained(max_tokens: int = 6) -> GenerationRequest:
 
 
 @pytest.fixture
-def held(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
     """(entered, release): every whole-vocabulary filter waits for `release`."""
     entered, release = threading.Event(), threading.Event()
     original = SequenceSampler.resolve
@@ -62,7 +63,7 @@ async def test_a_plain_request_runs_to_its_end_while_a_grammar_filters_the_vocab
     assert await asyncio.to_thread(entered.wait, 30)
     # Were the filter on the scheduler thread, this request could not get a single token.
     async with asyncio.timeout(30):
-        text, events = await run(engine, request("The sky is", max_tokens=12))
+        _, events = await run(engine, request("The sky is", max_tokens=12))
     assert [e.completion_tokens for e in events if isinstance(e, Usage)] == [12]
     assert not slow.done()
     release.set()
