@@ -153,12 +153,11 @@ def main() -> None:
                         "(e.g. bench/cut_model.py's cut of it on a GPU machine)")
     parser.add_argument("--template", help="with --model: a template of templates/ for a "
                         "GGUF without one (e.g. chatml for tests.gguf_factory's models)")
-    parser.add_argument("--server-args", default="", help="more flags for ggserve (this "
-                        "checkout's), e.g. '--backend-sampling on'")
+    parser.add_argument("--server-args", default="", help="more flags for ggserve (both "
+                        "checkouts'), e.g. '--threads 1'")
     args = parser.parse_args()
     rows = {"ggserve": asyncio.run(measure("ggserve", ROOT, args))}
     if args.baseline:
-        args.server_args = ""
         rows["baseline"] = asyncio.run(measure("baseline", args.baseline, args))
     what = args.model.name if args.model else MODEL
     print(f"\n{platform.machine()}, {os.cpu_count()} cores; 8 plain chat streams of {what}, "
