@@ -227,21 +227,14 @@ class SequenceSampler:
             self._params.min_p
         if not greedy and top_k <= 0 and min_p <= 0:
             return None
-        cur, _ = self._candidates(ctx, row)
-        ranking = cur.copy()  # bias and penalties change the order: rank after them
-        pre = _chain()
-        try:
-            # The penalties cloned with their history, which the chain's own keep.
-            self._add_bias_and_penalties(pre, self._penalties and
-                                         lc.llama_sampler_clone(self._penalties))
-            if lc.llama_sampler_chain_n(pre):
-                lc.llama_sampler_apply(pre, ctypes.byref(_array(ranking, len(ranking))))
-        finally:
-            lc.llama_sampler_free(pre)
-        size = min(len(cur), max(_PREFIX_MIN, 4 * top_k))
-        best = np.argpartition(-ranking["logit"], size - 1)[:size]
-        best = best[np.argsort(-ranking["logit"][best], kind="stable")]
-        prefix = cur[best]  # the raw logits, in order of preference
+        logits = logits_row(ctx, row, self._n_vocab)
+        ranked = self._ranking(ctx, row) if self._params.logit_bias or self._penalties \
+            else logits  # bias and penalties change the order: rank after them
+        size = min(self._n_vocab, max(_PREFIX_MIN, 4 * top_k))
+        best = np.argpartition(-ranked, size - 1)[:size]
+        best = best[np.argsort(-ranked[best], kind="stable")]
+        prefix = np.empty(size, dtype=_TOKEN_DATA)  # the raw logits, in order of preference
+        prefix["id"], prefix["logit"], prefix["p"] = best, logits[best], 0
         masked = prefix.copy()
         lc.llama_sampler_apply(self._grammar, ctypes.byref(_array(masked, len(masked))))
         passed = np.isfinite(masked["logit"])
@@ -249,7 +242,7 @@ class SequenceSampler:
             return None
         if greedy:
             return int(prefix["id"][np.argmax(passed)])
-        scores = ranking["logit"][best]
+        scores = ranked[best]
         enough = 0 < top_k <= int(passed.sum())
         cut_by_min_p = min_p > 0 and scores[-1] < scores[np.argmax(passed)] + math.log(min_p)
         if not (enough or cut_by_min_p):
@@ -258,6 +251,19 @@ class SequenceSampler:
         arr = _array(kept, len(kept))
         lc.llama_sampler_apply(self.chain, ctypes.byref(arr))  # its own random state draws
         return int(kept["id"][arr.selected])
+
+    def _ranking(self, ctx: Any, row: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """Row `row`'s logits after the logit bias and the penalties, by token id."""
+        cur, _ = self._candidates(ctx, row)
+        pre = _chain()
+        try:
+            # The penalties cloned with their history, which the chain's own keep.
+            self._add_bias_and_penalties(pre, self._penalties and
+                                         lc.llama_sampler_clone(self._penalties))
+            lc.llama_sampler_apply(pre, ctypes.byref(_array(cur, len(cur))))
+        finally:
+            lc.llama_sampler_free(pre)
+        return cur["logit"].copy()
 
     def close(self) -> None:
         for name in ("chain", "_grammar"):
