@@ -33,14 +33,15 @@ from server.engine.base import GenerationRequest, SamplingParams
 from server.engine.llama import scheduler as scheduler_module
 from server.engine.llama.context import ContextConfig
 from server.engine.llama.native import NativeModel, init_backend
+from server.engine.llama.rows import BatchRows
 from server.engine.llama.sampling import SequenceSampler
 from server.metrics import Metrics
 
 EOS = 2  # the tiny vocabulary's </s>
 PARTS = {  # what each timed call is, in the order of a step
     "_receive": "inbox", "_drop_cancelled": "cancellations", "_admit": "admission",
-    "_fill": "planning and batch filling", "llama_decode": "llama_decode (the model)",
-    "_commit": "KV commit", "sample": "sampling", "_advance": "detokenize, stop strings, events",
+    "fill": "planning and batch filling", "llama_decode": "llama_decode (the model)",
+    "commit": "KV commit", "try_sample": "sampling", "_advance": "detokenize, stop strings, events",
     "_deliver": "hand-off to the event loop", "stepped": "step metrics", "_report": "gauges",
 }
 
@@ -60,13 +61,15 @@ def profile_steps(model: Path, sequences: int, args: argparse.Namespace) -> \
     """Seconds per part over a run of `sequences` requests, and the number of steps."""
     totals: dict[str, float] = defaultdict(float)
     cls = scheduler_module.Scheduler
-    originals = {name: getattr(cls, name) for name in
-                 ("_receive", "_drop_cancelled", "_admit", "_fill", "_commit", "_advance",
-                  "_deliver", "_report")}
-    sample, decode = SequenceSampler.sample, scheduler_module.lc.llama_decode
-    for name, fn in originals.items():
-        setattr(cls, name, timed(totals, name, fn))
-    SequenceSampler.sample = timed(totals, "sample", sample)  # type: ignore[method-assign]
+    # (class, method) pairs, timed under the method's name; try_sample is what every sample
+    # goes through (sample() calls it too)
+    originals = {(owner, name): getattr(owner, name) for owner, names in (
+        (cls, ("_receive", "_drop_cancelled", "_admit", "_advance", "_deliver", "_report")),
+        (BatchRows, ("fill", "commit")), (SequenceSampler, ("try_sample",)))
+        for name in names}
+    decode = scheduler_module.lc.llama_decode
+    for (owner, name), fn in originals.items():
+        setattr(owner, name, timed(totals, name, fn))
     def decode_and_wait(ctx: Any, batch: Any) -> int:
         # On a GPU llama_decode returns before the graph has run: wait here, so that the
         # model's time is counted as the model's, not as the first logits read's (sampling).
@@ -105,9 +108,8 @@ def profile_steps(model: Path, sequences: int, args: argparse.Namespace) -> \
         scheduler.close()
         native.close()
     finally:
-        for name, fn in originals.items():
-            setattr(cls, name, fn)
-        SequenceSampler.sample = sample  # type: ignore[method-assign]
+        for (owner, name), fn in originals.items():
+            setattr(owner, name, fn)
         scheduler_module.lc.llama_decode = decode
     return dict(totals), steps
 

@@ -21,7 +21,7 @@ from collections import deque
 import llama_cpp as lc
 
 from server.chat.template import Prompt
-from server.engine.base import GenerationRequest, PromptTokens, TokenLogprob
+from server.engine.base import GenerationRequest, TokenLogprob
 from server.engine.llama.batch import Entry, passes, plan_batch
 from server.engine.llama.buffer import BatchBuffer
 from server.engine.llama.context import ContextConfig, context_params, create_context
@@ -39,6 +39,7 @@ from server.engine.llama.lora import Adapters, Turns
 from server.engine.llama.native import NativeModel
 from server.engine.llama.prompt_cache import PromptCache
 from server.engine.llama.resolver import Resolver
+from server.engine.llama.rows import BatchRows
 from server.engine.llama.sampling import SequenceSampler
 from server.engine.llama.slots import SlotPool
 from server.engine.llama.speculative import Speculation, Speculator, drop_rejected
@@ -99,6 +100,8 @@ class Scheduler:
         self._reported = 0.0  # when the gauges were last refreshed
         self._model_stop_tokens = stop_token_ids(model, config.stop)
         self._logits = LogitReader(self.ctx, model.n_vocab, model.special_piece)
+        self._rows = BatchRows(self._buffer, self._memory, self._logits, model,
+                               config.kv_unified)
         try:
             self._spec = None if speculation is None else \
                 Speculator(model, speculation, config, metrics, name)
@@ -337,7 +340,7 @@ class Scheduler:
             [(k, c.seq_id) for k, c in enumerate(decoding)],
             [(k, job.choices[0].seq_id, len(job.tokens) - job.prefilled)
              for k, job in enumerate(prefilling)], self.config.batch_tokens, drafted)
-        rows = self._fill(entries, decoding, prefilling)
+        rows = self._rows.fill(entries, decoding, prefilling)
         # The last step's events go out now, just before llama_decode lets go of the GIL: the
         # event loop wakes to a free interpreter instead of waiting for this thread's Python.
         self._deliver()
@@ -347,7 +350,7 @@ class Scheduler:
         if status != 0:
             self._fail_batch(entries, decoding, prefilling, status)
             return
-        self._commit(entries, decoding, prefilling)
+        self._rows.commit(entries, decoding, prefilling)
         emitted = self._sample(rows) + resolved
         if not any(c.finish is None for job in self._running for c in job.choices):
             self._deliver()  # no next step to carry them
@@ -355,66 +358,6 @@ class Scheduler:
                               time.perf_counter() - began - (decoded - filled),
                               passes(entries, self.config.batch_tokens,
                                      sequential=not self.config.kv_unified), emitted)
-
-    def _fill(self, entries: list[Entry], decoding: list[Choice],
-              prefilling: list[Job]) -> list[tuple[Job, Choice, int]]:
-        """Write the planned tokens into the batch; the rows whose logits get sampled."""
-        buffer = self._buffer
-        buffer.clear()
-        rows: list[tuple[Job, Choice, int]] = []
-        run: list[Choice] = []  # consecutive decode rows, written together
-
-        def flush_run() -> None:
-            if run:
-                first = buffer.add_rows([c.next_token for c in run], [c.pos for c in run],
-                                        [c.seq_id for c in run])
-                rows.extend((c.job, c, first + k) for k, c in enumerate(run))
-                run.clear()
-
-        for entry in entries:
-            if not entry.prefill and entry.size == 1:
-                run.append(decoding[entry.key])
-                continue
-            flush_run()
-            if not entry.prefill:  # the next token and its drafts, each with logits
-                c = decoding[entry.key]
-                draft = c.spec.draft if c.spec else []
-                rows.append((c.job, c, buffer.add_tokens([c.next_token, *draft], c.pos,
-                                                         [c.seq_id], True)))
-                continue
-            job = prefilling[entry.key]
-            # Separate KV streams cannot share cells: the first choice reads the prompt and
-            # the others get a copy of its stream once it is read (_share_prompt).
-            seqs = [c.seq_id for c in job.choices] if self.config.kv_unified \
-                else [job.choices[0].seq_id]
-            end = job.prefilled + entry.size
-            last = end == len(job.tokens)
-            logits: bool | str = True if job.wants_prompt_logits else ("last" if last else False)
-            first = buffer.add_tokens(job.tokens[job.prefilled:end], job.prefilled, seqs, logits)
-            job.chunk_row = first
-            if last:
-                rows.extend((job, c, first + entry.size - 1) for c in job.choices)
-        flush_run()
-        return rows
-
-    def _commit(self, entries: list[Entry], decoding: list[Choice],
-                prefilling: list[Job]) -> None:
-        """The decode succeeded: the batch's tokens now belong to their sequences."""
-        for entry in entries:
-            if not entry.prefill:
-                choice = decoding[entry.key]
-                choice.fed.append(choice.next_token)
-                choice.pos += 1
-                continue
-            job = prefilling[entry.key]
-            start = job.prefilled
-            job.prefilled += entry.size
-            if job.request.echo:
-                self._echo(job, range(start, job.prefilled), job.chunk_row)
-            if not job.prefilling:
-                for choice in job.choices:
-                    choice.pos = len(job.tokens)
-                self._share_prompt(job)
 
     def _deliver(self) -> None:
         """Hand the step's events to the event loop: one wake-up for all requests."""
@@ -426,24 +369,6 @@ class Scheduler:
             if done:
                 self._retire(job, notify=False)
         deliver_all(ready)
-
-    def _echo(self, job: Job, positions: range, first_row: int) -> None:
-        """Score the prompt tokens that follow `positions` (read into batch rows from
-        `first_row` on) if asked; once the whole prompt is read, send its tokens."""
-        tokens, top = job.tokens, job.request.prompt_logprobs
-        if top is not None:
-            # A position's logits are the distribution of the token after it.
-            ahead = [p for p in positions if p + 1 < len(tokens)]
-            job.prompt_scores += self._logits.score(
-                [first_row + p - positions.start for p in ahead],
-                [tokens[p + 1] for p in ahead], [top] * len(ahead))
-        if job.prefilling:
-            return
-        # Without log-probabilities (or with a prompt of one token) the rest is just tokens.
-        rest = job.prompt_scores or [TokenLogprob(t, self.model.special_piece(t), None)
-                                     for t in tokens[1:]]
-        first = b"" if job.bos_added else self.model.special_piece(tokens[0])
-        job.pending.append(PromptTokens((TokenLogprob(tokens[0], first, None), *rest)))
 
     def _sample(self, rows: list[tuple[Job, Choice, int]]) -> int:
         """Pick each row's next token (and its log-probability when the request asks), or
@@ -500,15 +425,6 @@ class Scheduler:
     def _score_rows(self, rows: list[tuple[Job, Choice, int, int]]) -> list[TokenLogprob]:
         return self._logits.score([r for _, _, r, _ in rows], [t for *_, t in rows],
                                   [job.request.logprobs or 0 for job, *_ in rows])
-
-    def _share_prompt(self, job: Job) -> None:
-        """After the prompt is read, every choice's sequence holds it (copied if needed)."""
-        primary = job.choices[0]
-        for choice in job.choices[1:]:
-            if not self.config.kv_unified:
-                lc.llama_memory_seq_cp(self._memory, primary.seq_id, choice.seq_id, -1, -1)
-        for choice in job.choices:
-            choice.has_prompt = True
 
     def _advance(self, job: Job, choice: Choice, token: int) -> None:
         """Account for a sampled token: emit its text or end the choice."""
