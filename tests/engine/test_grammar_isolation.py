@@ -47,6 +47,17 @@ def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, thr
     release.set()
 
 
+async def start_held(engine: LlamaEngine, entered: threading.Event) -> \
+        tuple[Any, asyncio.Future[tuple[str, Usage | None]]]:
+    """The constrained request, started, once its first filter is held: (its stream, the
+    task collecting it)."""
+    await run(engine, request("warm-up", 1))  # loads the model
+    stream = await engine.generate(constrained())
+    task = asyncio.ensure_future(collect(stream))
+    assert await asyncio.to_thread(entered.wait, 30)
+    return stream, task
+
+
 async def collect(stream: Any) -> tuple[str, Usage | None]:
     events = [e async for e in stream]
     usage = next((e for e in events if isinstance(e, Usage)), None)
@@ -58,9 +69,7 @@ async def test_a_plain_request_runs_to_its_end_while_a_grammar_filters_the_vocab
         app: FastAPI, held: tuple[threading.Event, threading.Event]) -> None:
     engine: LlamaEngine = app.state.engine
     entered, release = held
-    await run(engine, request("warm-up", 1))
-    slow = asyncio.ensure_future(collect(await engine.generate(constrained())))
-    assert await asyncio.to_thread(entered.wait, 30)
+    _, slow = await start_held(engine, entered)
     # Were the filter on the scheduler thread, this request could not get a single token.
     async with asyncio.timeout(30):
         _, events = await run(engine, request("The sky is", max_tokens=12))
@@ -78,10 +87,7 @@ async def test_a_request_cancelled_while_its_grammar_filters_ends_cleanly(
         app: FastAPI, held: tuple[threading.Event, threading.Event]) -> None:
     engine: LlamaEngine = app.state.engine
     entered, release = held
-    await run(engine, request("warm-up", 1))
-    stream = await engine.generate(constrained())
-    consumer = asyncio.ensure_future(collect(stream))
-    assert await asyncio.to_thread(entered.wait, 30)
+    stream, consumer = await start_held(engine, entered)
     stream.cancel()
     # The scheduler frees the sampler only once the worker is done with it.
     threading.Timer(0.3, release.set).start()
