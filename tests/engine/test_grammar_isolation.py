@@ -96,3 +96,20 @@ async def test_a_request_cancelled_while_its_grammar_filters_ends_cleanly(
     assert usage is not None  # a cancelled request's tokens still count
     expected, _ = await run(engine, request("The sky is"))
     assert expected  # the model serves on
+
+
+@pytest.mark.anyio
+async def test_a_deferred_token_that_ends_the_last_request_leaves_no_empty_step(
+        app: FastAPI, caplog: pytest.LogCaptureFixture) -> None:
+    engine: LlamaEngine = app.state.engine
+    await run(engine, request("warm-up", 1))
+    # "a", then only the end: the model's next token is refused and only the whole
+    # vocabulary decides, on a worker, that the request is over.
+    alone = GenerationRequest(MODEL, plain_prompt("Say hello."), WIDE, max_tokens=5,
+                              grammar=Grammar('root ::= "a"'))
+    with caplog.at_level("ERROR", logger="server.engine"):
+        async with asyncio.timeout(30):
+            out, usage = await collect(await engine.generate(alone))
+    assert out == "a" and usage is not None
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert engine.status(MODEL).state == "loaded"

@@ -330,10 +330,11 @@ class Scheduler:
         prefilling = [job for job in group if job.prefilling]
         if self._resolver:  # a choice whose grammar is still filtering sits this step out
             decoding = [c for c in decoding if c not in self._resolver]
-            if not decoding and not prefilling:
-                self._deliver()
+        if not decoding and not prefilling:  # every choice waits for a filter, or just ended
+            self._deliver()
+            if self._resolver:
                 self._resolver.wait(timeout=0.05)
-                return
+            return
         drafted = self._spec.plan(decoding, self.config.batch_tokens, bool(prefilling)) \
             if self._spec else None
         entries = plan_batch(
