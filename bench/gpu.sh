@@ -16,7 +16,8 @@
 #              written here first: the default model itself is too large to travel)
 #   host-gpu   bench/serve.py --mode host: the tiny model on the GPU in both servers
 #   host-cpu   the same on the CPU (CUDA_VISIBLE_DEVICES=""), 2 threads on a 16-core host
-# e.g. STAGES="isolation host-gpu host-cpu tests" bash bench/gpu.sh
+#   load-probe bench/gpu_load_probe.py: which process state makes the GPU tests' model load crash
+# e.g. STAGES="isolation load-probe tests" bash bench/gpu.sh
 # Everything lands in $OUT (run.log, the servers' logs).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; exec > >(tee -a "$OUT/run.log") 2>&1
@@ -78,6 +79,7 @@ host-gpu) stage "host work per token, tiny model on the GPU" 40 120 python3 benc
   --mode host --llama-server "$LLAMA_SERVER" --label gpu ;;
 host-cpu) stage "host work per token, tiny model, CPU, 2 threads" 40 120 \
   env CUDA_VISIBLE_DEVICES= python3 bench/serve.py --mode host --llama-server "$LLAMA_SERVER" ;;
+load-probe) stage "GPU load probe" 20 120 python3 bench/gpu_load_probe.py ;;
 tests) stage "GPU tests" 30 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_devices.py tests/engine/test_sampling.py ;;
 *) el "unknown stage $name" ;;
