@@ -25,7 +25,7 @@ from typing import Any
 import llama_cpp as lc
 
 from server.engine.llama.kv import file_identity
-from server.engine.llama.native import NativeModel, native_errors
+from server.engine.llama.native import NativeModel, failure_reason, native_errors
 from server.errors import ModelLoadFailed
 from server.registry import LoraSpec
 
@@ -116,9 +116,8 @@ def _load_one(model: NativeModel, name: str, file: Path) -> Any:
     with native_errors() as errors:
         ptr = lc.llama_adapter_lora_init(model.ptr, str(file).encode())
     if not ptr:
-        why = "; ".join(line.split(": ", 1)[-1] for line in errors[-2:]) or "see the log"
         raise ModelLoadFailed(f"LoRA adapter '{name}' ({file.name}) does not fit this model: "
-                              f"{why}")
+                              f"{failure_reason(errors)}")
     if lc.llama_adapter_get_alora_n_invocation_tokens(ptr):
         lc.llama_adapter_lora_free(ptr)
         raise ModelLoadFailed(f"LoRA adapter '{name}' ({file.name}) is an activated LoRA "

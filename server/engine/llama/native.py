@@ -55,6 +55,11 @@ def native_errors() -> Iterator[list[str]]:
         _load_errors.lines = None
 
 
+def failure_reason(errors: list[str]) -> str:
+    """The last of native_errors()'s lines, without llama.cpp's function prefixes."""
+    return "; ".join(line.split(": ", 1)[-1] for line in errors[-2:]) or "see the log"
+
+
 def init_backend() -> None:
     """Initialise llama.cpp once per process and route its log into Python logging."""
     with _init_lock:
@@ -116,14 +121,11 @@ class NativeModel:
             *tensor_split)
         if tensor_split:
             params.tensor_split = ctypes.cast(shares, ctypes.POINTER(ctypes.c_float))
-        _load_errors.lines = []
-        try:
+        with native_errors() as errors:
             ptr = lc.llama_model_load_from_file(str(path).encode(), params)
-        finally:
-            errors, _load_errors.lines = _load_errors.lines, None
         if not ptr:
-            why = "; ".join(line.split(": ", 1)[-1] for line in errors[-2:]) or "see the log"
-            raise ModelLoadFailed(f"llama.cpp could not load {path.name}: {why}")
+            raise ModelLoadFailed(f"llama.cpp could not load {path.name}: "
+                                  f"{failure_reason(errors)}")
         self.ptr = ptr
         self.path = path
         self.vocab = lc.llama_model_get_vocab(ptr)
