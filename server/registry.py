@@ -358,15 +358,23 @@ class Registry:
         if suffix in spec.quants and base in self.specs:
             return spec.model_copy(update={"id": model, "quant": suffix})
         if spec.lora:
-            raise AdapterNotFound(model, spec.id, [f"{spec.id}:{a.name}" for a in spec.lora])
+            raise AdapterNotFound(model, spec.id, (a.name for a in spec.lora))
         raise ModelNotFound(model, list(self.specs)) from None
 
     def lora_file(self, spec: LoraSpec) -> Path:
         """Where adapter `spec`'s GGUF is (a `repo` file: where its download goes)."""
         if spec.path is not None:
-            file = Path(spec.path).expanduser()
-            return file if file.is_absolute() else self.source.parent / file
-        return self.models_dir / str(spec.repo).replace("/", "--") / str(spec.file)
+            return self._beside_registry(spec.path)
+        return self._repo_dir(str(spec.repo)) / str(spec.file)
+
+    def _beside_registry(self, path: str) -> Path:
+        """A `path` of models.yaml: absolute, or relative to the file."""
+        file = Path(path).expanduser()
+        return file if file.is_absolute() else self.source.parent / file
+
+    def _repo_dir(self, repo: str) -> Path:
+        """Where a Hugging Face repo's files go: models/<org>--<repo>/."""
+        return self.models_dir / repo.replace("/", "--")
 
     def template_path(self, spec: ModelSpec) -> Path:
         return self.templates_dir / f"{spec.template}.jinja"
@@ -381,9 +389,7 @@ class Registry:
         """The GGUF on disk for `spec` (for a `repo` entry, where its download goes);
         ModelLoadFailed says why a local file is not there."""
         if spec.path is not None:
-            file = Path(spec.path).expanduser()
-            if not file.is_absolute():
-                file = self.source.parent / file
+            file = self._beside_registry(spec.path)
             where = "path"
         elif spec.package is not None:
             found = importlib.util.find_spec(spec.package)
@@ -395,12 +401,12 @@ class Registry:
             file = Path(locations[0]) / spec.file_name
             where = "file"
         elif spec.convert is not None:
-            file = self.models_dir / spec.convert.replace("/", "--") / spec.file_name
+            file = self._repo_dir(spec.convert) / spec.file_name
             if not file.is_file():
                 raise ModelLoadFailed(_conversion_hint(spec, file))
             return file
         else:  # a Hugging Face file: where it is, or will be once downloaded
-            return self.models_dir / str(spec.repo).replace("/", "--") / spec.file_name
+            return self._repo_dir(str(spec.repo)) / spec.file_name
         if not file.is_file():
             raise ModelLoadFailed(f"field '{where}': GGUF file not found: {file}")
         return file
