@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ServerError(Exception):
     """Base of every error this server reports to a client."""
@@ -165,11 +167,12 @@ class ModelNotFound(ServerError):
 class AdapterNotFound(ModelNotFound):
     """`model` names a registry entry and a LoRA adapter it does not have."""
 
-    def __init__(self, model: str, base: str, adapters: list[str]) -> None:
+    def __init__(self, model: str, base: str, adapters: Iterable[str]) -> None:
+        """`adapters`: the names `base` has, listed as the models a request names."""
+        served = ", ".join(f"{base}:{name}" for name in adapters)
         ServerError.__init__(
             self, f"The model '{model}' does not exist: '{base}' has no LoRA adapter "
-            f"'{model.removeprefix(base + ':')}'. Its adapters: {', '.join(adapters)}.",
-            param="model")
+            f"'{model.removeprefix(base + ':')}'. Its adapters: {served}.", param="model")
 
 
 class ModelLoadFailed(ServerError):

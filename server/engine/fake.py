@@ -108,8 +108,7 @@ class FakeEngine:
             raise EmbeddingModelOnly(request.model)
         known = self.adapters.get(request.model, ())
         if request.adapter is not None and request.adapter not in known:
-            raise AdapterNotFound(request.served_model, request.model,
-                                  [f"{request.model}:{a}" for a in known])
+            raise AdapterNotFound(request.served_model, request.model, known)
         self._check(list(request.sampling.logit_bias), "logit_bias")
         self.requests.append(request)
         return _FakeStream(self, request)

@@ -152,8 +152,7 @@ class Scheduler:
                 f"{self.config.max_waiting}); retry shortly.")
         if request.adapter is not None and request.adapter not in self._adapters:
             # the registry names an adapter this loaded model lacks (reloaded meanwhile)
-            raise AdapterNotFound(request.served_model, self.name,
-                                  [f"{self.name}:{a}" for a in self._adapters.names])
+            raise AdapterNotFound(request.served_model, self.name, self._adapters.names)
         if request.n > self.config.parallel:
             raise InvalidRequest(
                 f"n={request.n} is more than this server decodes at once for a request "
