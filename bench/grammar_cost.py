@@ -43,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path[:0] = [str(args.checkout), str(ROOT)]
 
-    from bench.cut_model import default_model
     from bench.isolation import SCHEMA
+    from bench.servers import default_model_file
     from server.engine.base import Grammar, SamplingParams
     from server.engine.llama.native import NativeModel, init_backend
     from server.engine.llama.sampling import SequenceSampler, parse_grammar
@@ -52,7 +52,7 @@ def main() -> None:
     from tests.engine.test_sampling import Context
 
     init_backend()
-    model = NativeModel(default_model(), n_gpu_layers=0, repack=False)
+    model = NativeModel(default_model_file(), n_gpu_layers=0, repack=False)
     prompt = model.tokenize("<|im_start|>user\nDescribe a person.<|im_end|>\n"
                             "<|im_start|>assistant\n", parse_special=True)
     ctx = Context(model)

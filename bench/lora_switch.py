@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.servers import default_model_file
 from server.engine.llama.buffer import BatchBuffer
 from server.engine.llama.native import NativeModel, init_backend, repack_enabled
-from server.registry import Registry
 from server.settings import Settings
 from tests.gguf_factory import write_lora
 
@@ -53,8 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     args = parser.parse_args()
     settings = Settings()
-    registry = Registry.load(settings.models_file, settings.templates_dir, settings.models_dir)
-    path = args.model or registry.local_file(registry.get(registry.default))
+    path = args.model or default_model_file()
     init_backend()
     with tempfile.TemporaryDirectory() as tmp:
         adapter_file = random_adapter(path, Path(tmp) / "adapter.gguf")

@@ -32,14 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.servers import (
     Server,
     bench_registry,
+    default_model_file,
     free_port,
     ggserve_command,
     llama_server_command,
     sse_chunks,
 )
 from server.engine.llama.native import NativeModel
-from server.registry import Registry
-from server.settings import Settings
 
 WORDS = ["river", "harbour", "engine", "copper", "lantern", "orchard", "meadow", "signal",
          "archive", "ledger", "falcon", "quarry", "velvet", "summit", "tunnel", "granite",
@@ -94,10 +93,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
-    if args.model is None:
-        s = Settings()
-        models = Registry.load(s.models_file, s.templates_dir, s.models_dir)
-        args.model = models.local_file(models.get(models.default))
+    args.model = args.model or default_model_file()
     vocab = NativeModel(args.model, n_gpu_layers=0, repack=False)
     n_ctx = args.doc_tokens + 512
     registry_file = bench_registry(args.model, n_ctx)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bench.servers import (  # noqa: E402
     Server,
     bench_registry,
+    default_model_file,
     free_port,
     ggserve_command,
     llama_cpp_python_command,
@@ -237,13 +238,7 @@ def main() -> None:
 
 def serving_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """Run the serving comparison; return the report (a line on the set-up, the table)."""
-    if args.model is None:
-        from server.registry import Registry
-        from server.settings import Settings
-
-        s = Settings()
-        models = Registry.load(s.models_file, s.templates_dir, s.models_dir)
-        args.model = models.local_file(models.get(models.default))
+    args.model = args.model or default_model_file()
     names = args.servers.split(",")
     if "llama-server" in names and not args.llama_server:
         parser.error("--llama-server (or LLAMA_SERVER) is needed to run llama-server")

