@@ -11,9 +11,11 @@
 #      sampling on (the server's default on a GPU) and off
 #   3. bench/serve.py, StableLM-3B at 1 and 32 streams
 #   4. the GPU tests (pytest -m gpu)
-# STAGES picks and orders them (default "serve7b profile7b serve3b tests"); three more:
+# STAGES picks and orders them (default "serve7b profile7b serve3b tests"); more:
 #   isolation  bench/isolation.py on the GPU with .gpu/smollm2-cut.gguf (bench/cut_model.py,
-#              written here first: the default model itself is too large to travel)
+#              written here first: the default model itself is too large to travel), ggserve
+#              and llama-server
+#   isolation-cpu  the same on the host's CPU (CUDA_VISIBLE_DEVICES=""), 8 threads each
 #   host-gpu   bench/serve.py --mode host: the tiny model on the GPU in both servers
 #   host-cpu   the same on the CPU (CUDA_VISIBLE_DEVICES=""), 2 threads on a 16-core host
 #   load-probe bench/gpu_load_probe.py: which process state makes the GPU tests' model load crash
@@ -73,8 +75,12 @@ profile7b)
 serve3b) stage "serve, StableLM-3B shape" 60 150 python3 bench/serve.py --model "$M3" \
   --llama-server "$LLAMA_SERVER" --servers ggserve,llama-server --concurrency 1,32 \
   --max-tokens 256 --threads 8 --repeat 2 --label gpu ;;
-isolation) stage "grammar isolation, cut default model" 40 120 python3 bench/isolation.py \
-  --model .gpu/smollm2-cut.gguf --rounds 3 --max-tokens 256 ;;
+isolation) stage "grammar isolation, cut default model" 40 180 python3 bench/isolation.py \
+  --model .gpu/smollm2-cut.gguf --rounds 3 --max-tokens 256 --llama-server "$LLAMA_SERVER" ;;
+isolation-cpu) stage "grammar isolation, cut default model, CPU, 8 threads" 40 180 \
+  env CUDA_VISIBLE_DEVICES= python3 bench/isolation.py --model .gpu/smollm2-cut.gguf \
+  --rounds 3 --server-args "--threads 8" --llama-server "$LLAMA_SERVER" \
+  --llama-server-args "-t 8 -tb 8" ;;
 host-gpu) stage "host work per token, tiny model on the GPU" 40 120 python3 bench/serve.py \
   --mode host --llama-server "$LLAMA_SERVER" --label gpu ;;
 host-cpu) stage "host work per token, tiny model, CPU, 2 threads" 40 120 \

@@ -1,7 +1,8 @@
 """Grammar isolation: does one constrained request slow the others down?
 
-Starts ggserve with the default model (and, with --baseline, a second checkout's ggserve, e.g.
-the commit before a change) and, for each server in turn, over --rounds alternating rounds:
+Starts ggserve with the default model (with --baseline, a second checkout's ggserve, e.g. the
+commit before a change; with --llama-server, llama.cpp's server on the same GGUF) and, for each
+server in turn, over --rounds alternating rounds:
 
 - 8 plain streamed chat completions alone (aggregate tokens/s),
 - the same 8 with a ninth, plain stream beside them (the cost of one more sequence alone),
@@ -11,12 +12,14 @@ the commit before a change) and, for each server in turn, over --rounds alternat
 Prints medians and the ratio (with / without) that issue 13 asks to keep at >= 0.90:
 
     .venv/bin/python bench/isolation.py [--baseline /path/to/other/checkout]
+        [--llama-server /work/llama-build/bin/llama-server]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import statistics
@@ -30,7 +33,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.servers import ROOT, Server, free_port, sse_chunks
+from bench.servers import ROOT, Server, default_model_file, free_port, sse_chunks
 
 MODEL = "smollm2-135m-instruct"
 SCHEMA = {
@@ -108,12 +111,28 @@ def registry(model: Path, template: str | None) -> Path:
     return path
 
 
-async def measure(name: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
+def ggserve(name: str, root: Path, args: argparse.Namespace) -> Server:
     port = free_port()
     models = ["--models-file", str(registry(args.model, args.template))] if args.model else []
-    server = Server(name, [sys.executable, "-m", "server", "--port", str(port), "--parallel",
-                           "9", "--log-level", "warning", *models, *args.server_args.split()],
-                    port, cwd=root)
+    return Server(name, [sys.executable, "-m", "server", "--port", str(port), "--parallel",
+                         "9", "--log-level", "warning", *models, *args.server_args.split()],
+                  port, cwd=root)
+
+
+def llama_server(args: argparse.Namespace) -> Server:
+    """llama.cpp's server on the same GGUF: 9 slots, every layer on the GPU where there is one,
+    its own sampling defaults beyond what the requests set, the GGUF's template (--jinja)."""
+    port = free_port()
+    model = args.model or default_model_file()
+    template = ["--chat-template-file", str(ROOT / "templates" / f"{args.template}.jinja")] \
+        if args.template else []
+    return Server("llama-server", [
+        str(args.llama_server), "-m", str(model), "--port", str(port), "-np", "9",
+        "-c", str(9 * 2048), "-ngl", "999", "--alias", MODEL, "--jinja", "--no-webui",
+        "--metrics", *template, *args.llama_server_args.split()], port)
+
+
+async def measure(server: Server, args: argparse.Namespace) -> dict[str, float]:
     try:
         await server.ready()
         await one_round(server.url, 16, "json_schema")  # warm-up
@@ -137,11 +156,12 @@ async def measure(name: str, root: Path, args: argparse.Namespace) -> dict[str, 
 
 
 async def grammar_rejections(url: str) -> float:
-    """ggserve:grammar_rejections_total, summed over models (0 where a server has none)."""
+    """ggserve:grammar_rejections_total, summed over models (NaN where a server has none)."""
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"{url}/metrics", timeout=30)).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("ggserve:grammar_rejections_total"))
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("ggserve:grammar_rejections_total")]
+    return sum(counts) if counts else math.nan
 
 
 def main() -> None:
@@ -155,10 +175,17 @@ def main() -> None:
                         "GGUF without one (e.g. chatml for tests.gguf_factory's models)")
     parser.add_argument("--server-args", default="", help="more flags for ggserve (both "
                         "checkouts'), e.g. '--threads 1'")
+    parser.add_argument("--llama-server", type=Path,
+                        default=os.environ.get("LLAMA_SERVER") or None,
+                        help="a llama-server binary to measure the same way")
+    parser.add_argument("--llama-server-args", default="", help="more flags for llama-server, "
+                        "e.g. '-t 2 --no-repack' (AMX repacking crashes on some CPUs)")
     args = parser.parse_args()
-    rows = {"ggserve": asyncio.run(measure("ggserve", ROOT, args))}
+    rows = {"ggserve": asyncio.run(measure(ggserve("ggserve", ROOT, args), args))}
     if args.baseline:
-        rows["baseline"] = asyncio.run(measure("baseline", args.baseline, args))
+        rows["baseline"] = asyncio.run(measure(ggserve("baseline", args.baseline, args), args))
+    if args.llama_server:
+        rows["llama-server"] = asyncio.run(measure(llama_server(args), args))
     what = args.model.name if args.model else MODEL
     print(f"\n{platform.machine()}, {os.cpu_count()} cores; 8 plain chat streams of {what}, "
           f"{args.max_tokens} tokens each, medians of {args.rounds} rounds\n")
@@ -167,9 +194,10 @@ def main() -> None:
           "| grammar refusals per round |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
+        refusals = "" if math.isnan(r["rejections"]) else f"{r['rejections']:.0f}"
         print(f"| {name} | {r['alone']:.1f} | {r['plain']:.1f} | {r['plain'] / r['alone']:.2f} "
               f"| {r['beside']:.1f} | {r['beside'] / r['alone']:.2f} | {r['plain_own']:.1f} "
-              f"| {r['own']:.1f} | {r['rejections']:.0f} |")
+              f"| {r['own']:.1f} | {refusals} |")
     print("\n(tokens/s; the 8 plain streams' aggregate, and each ninth stream's own rate)")
 
 
