@@ -19,14 +19,21 @@
 #   host-gpu   bench/serve.py --mode host: the tiny model on the GPU in both servers
 #   host-cpu   the same on the CPU (CUDA_VISIBLE_DEVICES=""), 2 threads on a 16-core host
 #   load-probe bench/gpu_load_probe.py: which process state makes the GPU tests' model load crash
-# e.g. STAGES="isolation load-probe tests" bash bench/gpu.sh
+# e.g. STAGES="load-probe tests isolation isolation-cpu" bash bench/gpu.sh
 # Everything lands in $OUT (run.log, the servers' logs).
+# DRY=1 LLAMA_SERVER=<a CPU llama-server> rehearses the stages here first, on the CPU with this
+# checkout's .venv and no build: a stage that fails on its arguments fails here, not in the
+# GPU machine's few minutes.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; exec > >(tee -a "$OUT/run.log") 2>&1
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 LIMIT=${LIMIT:-585}; left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 W=/tmp/gpu; mkdir -p "$W"
 STAGES=" ${STAGES:-serve7b profile7b serve3b tests} "; want() { [[ $STAGES == *" $1 "* ]]; }
+if [ -n "${DRY:-}" ]; then  # a rehearsal here, on the CPU: this checkout's .venv, no build
+  : "${LLAMA_SERVER:?DRY=1 needs LLAMA_SERVER (a CPU llama-server)}"
+  export PATH="$PWD/.venv/bin:$PATH" PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+else
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 [ -f "$W/lcp/vendor/llama.cpp/CMakeLists.txt" ] || { rm -rf "$W/lcp"; mkdir -p "$W/lcp";
   tar xzf .gpu/lcp.tgz -C "$W/lcp" --strip-components=1; }
@@ -34,6 +41,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   --target "$W/site" .gpu/wheels/*.whl && touch "$W/site/.ok"; } || exit 1
 export PYTHONPATH="$PWD:$W/lcp:$W/site" LLAMA_CPP_LIB_PATH="$W/build/bin" PYTHONUNBUFFERED=1
 export LLAMA_SERVER="$W/build/bin/llama-server"
+fi
 M7="$W/mistral7b.Q4_K_M.gguf"; M3="$W/stablelm3b.Q4_K_M.gguf"
 (  # the models, while llama.cpp builds (numpy and gguf only)
   if want serve7b || want profile7b && [ ! -f "$M7" ]; then python3 -m tests.gguf_factory --arch llama --shape mistral-7b \
@@ -76,11 +84,12 @@ serve3b) stage "serve, StableLM-3B shape" 60 150 python3 bench/serve.py --model 
   --llama-server "$LLAMA_SERVER" --servers ggserve,llama-server --concurrency 1,32 \
   --max-tokens 256 --threads 8 --repeat 2 --label gpu ;;
 isolation) stage "grammar isolation, cut default model" 40 180 python3 bench/isolation.py \
-  --model .gpu/smollm2-cut.gguf --rounds 3 --max-tokens 256 --llama-server "$LLAMA_SERVER" ;;
+  --model .gpu/smollm2-cut.gguf --rounds 3 --max-tokens 256 --llama-server "$LLAMA_SERVER" \
+  --llama-server-args=--no-repack ;;
 isolation-cpu) stage "grammar isolation, cut default model, CPU, 8 threads" 40 180 \
   env CUDA_VISIBLE_DEVICES= python3 bench/isolation.py --model .gpu/smollm2-cut.gguf \
-  --rounds 3 --server-args "--threads 8" --llama-server "$LLAMA_SERVER" \
-  --llama-server-args "-t 8 -tb 8" ;;
+  --rounds 3 --server-args="--threads 8" --llama-server "$LLAMA_SERVER" \
+  --llama-server-args="-t 8 -tb 8 --no-repack" ;;
 host-gpu) stage "host work per token, tiny model on the GPU" 40 120 python3 bench/serve.py \
   --mode host --llama-server "$LLAMA_SERVER" --label gpu ;;
 host-cpu) stage "host work per token, tiny model, CPU, 2 threads" 40 120 \
