@@ -19,6 +19,7 @@
 #   host-gpu   bench/serve.py --mode host: the tiny model on the GPU in both servers
 #   host-cpu   the same on the CPU (CUDA_VISIBLE_DEVICES=""), 2 threads on a 16-core host
 #   load-probe bench/gpu_load_probe.py: which process state makes the GPU tests' model load crash
+#   gaps, gaps7b  bench/gaps.py (filler rows between running sequences), tiny model / 7B shape
 # e.g. STAGES="load-probe tests isolation isolation-cpu" bash bench/gpu.sh
 # Everything lands in $OUT (run.log, the servers' logs).
 # DRY=1 LLAMA_SERVER=<a CPU llama-server> rehearses the stages here first, on the CPU with this
@@ -44,7 +45,7 @@ export LLAMA_SERVER="$W/build/bin/llama-server"
 fi
 M7="$W/mistral7b.Q4_K_M.gguf"; M3="$W/stablelm3b.Q4_K_M.gguf"
 (  # the models, while llama.cpp builds (numpy and gguf only)
-  if want serve7b || want profile7b && [ ! -f "$M7" ]; then python3 -m tests.gguf_factory --arch llama --shape mistral-7b \
+  if want serve7b || want profile7b || want gaps7b && [ ! -f "$M7" ]; then python3 -m tests.gguf_factory --arch llama --shape mistral-7b \
     --dtype q4_k_m --vocab-size 32000 "$M7.part" && mv "$M7.part" "$M7"; fi
   if want serve3b && [ ! -f "$M3" ]; then python3 -m tests.gguf_factory --arch stablelm --shape stablelm-3b \
     --dtype q4_k_m --vocab-size 50304 "$M3.part" && mv "$M3.part" "$M3"; fi
@@ -95,6 +96,10 @@ host-gpu) stage "host work per token, tiny model on the GPU" 40 120 python3 benc
 host-cpu) stage "host work per token, tiny model, CPU, 2 threads" 40 120 \
   env CUDA_VISIBLE_DEVICES= python3 bench/serve.py --mode host --llama-server "$LLAMA_SERVER" ;;
 load-probe) stage "GPU load probe" 20 120 python3 bench/gpu_load_probe.py ;;
+gaps) stage "gaps between running sequences, tiny model" 30 120 python3 bench/gaps.py \
+  --llama-server "$LLAMA_SERVER" ;;
+gaps7b) stage "gaps between running sequences, Mistral-7B shape" 60 150 python3 bench/gaps.py \
+  --model "$M7" --threads 8 --max-tokens 128 --rounds 2 --llama-server "$LLAMA_SERVER" ;;
 tests) stage "GPU tests" 30 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_devices.py tests/engine/test_sampling.py ;;
 *) el "unknown stage $name" ;;

@@ -48,6 +48,10 @@ def _parse(argv: list[str]) -> dict[str, object]:
     parser.add_argument("--backend-sampling", choices=["auto", "on", "off"],
                         help="sample inside the decode graph where a request allows "
                         "(default off; auto: when layers are on a GPU)")
+    parser.add_argument("--gap-fill", choices=["auto", "on", "off"],
+                        help="filler rows in the gaps between running sequences, so a step "
+                        "is one pass over the weights (default auto: any gap on a GPU, gaps of "
+                        "one sequence on the CPU)")
     parser.add_argument("--speculative", choices=["registry", "ngram", "off"],
                         help="speculative decoding: as models.yaml says (default), also "
                         "prompt lookup (ngram) for every model, or off")

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     # H100 with a 32K vocabulary the chain's graph nodes cost more decode time than the host
     # chain they replace (docs/benchmarks.md, "Backend sampling").
     backend_sampling: Literal["auto", "on", "off"] = "off"
+    # Filler rows: with a KV stream per sequence, llama.cpp decodes only consecutive sequence ids
+    # in one pass over the weights, so running sequences 0 and 2 take two passes. A filler token
+    # in 1 (removed after the decode) makes it one. "auto": any gap where every layer is on a
+    # GPU (a pass costs about a whole step, a row next to nothing), a gap of one sequence on the
+    # CPU (a row costs about a pass's fixed part); "on": any gap (docs/benchmarks.md, "Gaps
+    # between running sequences").
+    gap_fill: Literal["auto", "on", "off"] = "auto"
     threads: int = Field(default_factory=_default_threads, ge=1)
     # The prompt cache (README "Prompt cache"): a slot's KV, when a new request takes the slot,
     # is saved as llama.cpp sequence state in host RAM (least recently used out first) and, with

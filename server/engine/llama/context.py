@@ -35,6 +35,9 @@ class ContextConfig:
     kv_unified: bool = False
     flash_attn: str = "auto"
     backend_sampling: bool = False  # sampler chains in the decode graph where requests allow
+    # Filler rows in the gaps between running sequences, so that separate KV streams decode in
+    # one pass over the weights (batch.fill_gaps): the widest gap worth filling (0: none).
+    gap_fill: float = 0.0
     cache_type_k: str = "f16"  # the KV cache's types (gguf.KV_TYPES)
     cache_type_v: str = "f16"
     prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)  # RAM, disk

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ def load_resident(spec: ModelSpec, path: Path, plan: Placement, n_ctx: int, gguf
             min_tokens=settings.prompt_cache_min_tokens, disk_dir=settings.prompt_cache_dir,
             disk_bytes=settings.prompt_cache_disk_mb << 20),
         backend_sampling=settings.backend_sampling == "on" or (
-            settings.backend_sampling == "auto" and plan.gpu_layers > 0))
+            settings.backend_sampling == "auto" and plan.gpu_layers > 0),
+        gap_fill=_gap_fill(settings.gap_fill, plan.all_on_gpu))
     speculation = None
     adapters = Adapters()
     try:
@@ -145,6 +147,15 @@ def _speculation(spec: ModelSpec, model: NativeModel, on_gpu: bool, registry: Re
     draft = load_draft(path, model, -1 if layers == "auto" else layers,
                        repack_enabled(settings.cpu_repack))
     return Speculation(config or SpeculativeSpec(), draft)
+
+
+def _gap_fill(setting: str, all_on_gpu: bool) -> float:
+    """The widest gap between running sequences worth filler rows (batch.fill_gaps): any where
+    every layer is on a GPU (a row costs next to nothing beside a pass over the weights), one
+    sequence on a CPU (a row costs about as much as a pass's fixed part)."""
+    if setting == "off":
+        return 0.0
+    return math.inf if setting == "on" or all_on_gpu else 1.0
 
 
 def _rope_params(spec: ModelSpec) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """One step's batch: the planned rows written into the llama_batch and, once llama_decode has
 succeeded, committed to their sequences (a token is a sequence's only after its decode; a failed
-decode commits nothing: see Scheduler._fail_batch)."""
+decode commits nothing: see Scheduler._fail_batch). Filler rows (batch.fill_gaps) are written
+too and their KV cells removed after the decode, whatever it returned."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import llama_cpp as lc
 
 from server.engine.base import PromptTokens, TokenLogprob
-from server.engine.llama.batch import Entry
+from server.engine.llama.batch import Entry, fill_gaps
 from server.engine.llama.buffer import BatchBuffer
 from server.engine.llama.jobs import Choice, Job
 from server.engine.llama.logits import LogitReader
@@ -20,12 +21,35 @@ class BatchRows:
     """Writes a plan (batch.plan_batch) into `buffer` and commits it after the decode."""
 
     def __init__(self, buffer: BatchBuffer, memory: Any, logits: LogitReader,
-                 model: NativeModel, kv_unified: bool) -> None:
+                 model: NativeModel, kv_unified: bool, n_ctx_seq: int) -> None:
         self._buffer = buffer
         self._memory = memory
         self._logits = logits
         self._model = model
         self._kv_unified = kv_unified
+        self._n_ctx_seq = n_ctx_seq  # cells in each sequence's KV stream
+
+    def close_gaps(self, entries: list[Entry], widest: float) -> list[Entry]:
+        """The plan with fillers in the gaps of at most `widest` sequences between planned ones
+        (batch.fill_gaps): separate KV streams then decode in fewer passes over the weights."""
+        if not entries or entries[-1].seq_id - entries[0].seq_id < len(entries):  # no gap
+            return entries
+        planned = {e.seq_id for e in entries}
+        free = {}
+        for seq in range(entries[0].seq_id + 1, entries[-1].seq_id):
+            if seq not in planned:
+                # an idle slot's cache, or a waiting sequence: its positions run from 0
+                position = lc.llama_memory_seq_pos_max(self._memory, seq) + 1
+                if position < self._n_ctx_seq:
+                    free[seq] = position
+        capacity = self._buffer.capacity
+        return fill_gaps(entries, free, capacity, capacity, widest)
+
+    def drop_fillers(self, entries: list[Entry]) -> None:
+        """Remove the fillers' KV cells (after the decode, successful or not)."""
+        for entry in entries:
+            if entry.filler:
+                lc.llama_memory_seq_rm(self._memory, entry.seq_id, entry.key, -1)
 
     def fill(self, entries: list[Entry], decoding: list[Choice],
              prefilling: list[Job]) -> list[tuple[Job, Choice, int]]:
@@ -43,10 +67,13 @@ class BatchRows:
                 run.clear()
 
         for entry in entries:
-            if not entry.prefill and entry.size == 1:
+            if not entry.prefill and entry.size == 1 and not entry.filler:
                 run.append(decoding[entry.key])
                 continue
             flush_run()
+            if entry.filler:  # any token: no logits, and its cell goes after the decode
+                buffer.add_tokens([0], entry.key, [entry.seq_id], False)
+                continue
             if not entry.prefill:  # the next token and its drafts, each with logits
                 c = decoding[entry.key]
                 draft = c.spec.draft if c.spec else []
@@ -72,6 +99,8 @@ class BatchRows:
                prefilling: list[Job]) -> None:
         """The decode succeeded: the batch's tokens now belong to their sequences."""
         for entry in entries:
+            if entry.filler:
+                continue
             if not entry.prefill:
                 choice = decoding[entry.key]
                 choice.fed.append(choice.next_token)

@@ -101,7 +101,7 @@ class Scheduler:
         self._model_stop_tokens = stop_token_ids(model, config.stop)
         self._logits = LogitReader(self.ctx, model.n_vocab, model.special_piece)
         self._rows = BatchRows(self._buffer, self._memory, self._logits, model,
-                               config.kv_unified)
+                               config.kv_unified, lc.llama_n_ctx_seq(self.ctx))
         try:
             self._spec = None if speculation is None else \
                 Speculator(model, speculation, config, metrics, name)
@@ -340,6 +340,8 @@ class Scheduler:
             [(k, c.seq_id) for k, c in enumerate(decoding)],
             [(k, job.choices[0].seq_id, len(job.tokens) - job.prefilled)
              for k, job in enumerate(prefilling)], self.config.batch_tokens, drafted)
+        if self.config.gap_fill and not self.config.kv_unified:
+            entries = self._rows.close_gaps(entries, self.config.gap_fill)
         rows = self._rows.fill(entries, decoding, prefilling)
         # The last step's events go out now, just before llama_decode lets go of the GIL: the
         # event loop wakes to a free interpreter instead of waiting for this thread's Python.
@@ -347,6 +349,7 @@ class Scheduler:
         filled = time.perf_counter()
         status = lc.llama_decode(self.ctx, self._buffer.ready())
         decoded = time.perf_counter()
+        self._rows.drop_fillers(entries)
         if status != 0:
             self._fail_batch(entries, decoding, prefilling, status)
             return
@@ -478,7 +481,7 @@ class Scheduler:
         """Remove what the failed batch wrote to the KV cache and fail the requests it
         touched; their sequences are forgotten, never offered as a cached prefix."""
         touched: dict[int, Job] = {}
-        for entry in entries:
+        for entry in [e for e in entries if not e.filler]:
             job = prefilling[entry.key] if entry.prefill else decoding[entry.key].job
             touched[id(job)] = job
         log.error("llama_decode failed with status %d; failing the %d requests in the batch",
