@@ -20,7 +20,7 @@
 #   host-cpu   the same on the CPU (CUDA_VISIBLE_DEVICES=""), 2 threads on a 16-core host
 #   load-probe bench/gpu_load_probe.py: which process state makes the GPU tests' model load crash
 #   gaps, gaps7b  bench/gaps.py (filler rows between running sequences), tiny model / 7B shape
-# e.g. STAGES="load-probe tests isolation isolation-cpu" bash bench/gpu.sh
+# e.g. STAGES="load-probe tests gaps isolation isolation-cpu" bash bench/gpu.sh
 # Everything lands in $OUT (run.log, the servers' logs).
 # DRY=1 LLAMA_SERVER=<a CPU llama-server> rehearses the stages here first, on the CPU with this
 # checkout's .venv and no build: a stage that fails on its arguments fails here, not in the
