@@ -102,6 +102,9 @@ class Scheduler:
         self._logits = LogitReader(self.ctx, model.n_vocab, model.special_piece)
         self._rows = BatchRows(self._buffer, self._memory, self._logits, model,
                                config.kv_unified, lc.llama_n_ctx_seq(self.ctx))
+        # A filler would advance a recurrent state, which no removal takes back.
+        self._gap_fill = 0.0 if config.kv_unified or lc.llama_model_is_recurrent(model.ptr) \
+            or lc.llama_model_is_hybrid(model.ptr) else config.gap_fill
         try:
             self._spec = None if speculation is None else \
                 Speculator(model, speculation, config, metrics, name)
@@ -340,8 +343,8 @@ class Scheduler:
             [(k, c.seq_id) for k, c in enumerate(decoding)],
             [(k, job.choices[0].seq_id, len(job.tokens) - job.prefilled)
              for k, job in enumerate(prefilling)], self.config.batch_tokens, drafted)
-        if self.config.gap_fill and not self.config.kv_unified:
-            entries = self._rows.close_gaps(entries, self.config.gap_fill)
+        if self._gap_fill:
+            entries = self._rows.close_gaps(entries, self._gap_fill)
         rows = self._rows.fill(entries, decoding, prefilling)
         # The last step's events go out now, just before llama_decode lets go of the GIL: the
         # event loop wakes to a free interpreter instead of waiting for this thread's Python.
