@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ PROMPTS = {"A": "The sky is", "C": "Once upon a time",
 
 
 @pytest.fixture
-def decodes() -> Iterator[list[Decode]]:
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Decode]:
     """Each llama_decode of the schedulers made meanwhile."""
     seen: list[Decode] = []
     count = [0]
@@ -64,11 +63,9 @@ def decodes() -> Iterator[list[Decode]]:
                            frozenset(batch.seq_id[i][0] for i in rows), count[0] - before))
         return int(status)
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(scheduler_module, "context_params", params)
-    mp.setattr(scheduler_module.lc, "llama_decode", decode)
-    yield seen
-    mp.undo()
+    monkeypatch.setattr(scheduler_module, "context_params", params)
+    monkeypatch.setattr(scheduler_module.lc, "llama_decode", decode)
+    return seen
 
 
 @dataclass(frozen=True)
