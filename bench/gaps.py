@@ -73,12 +73,12 @@ async def split_share(url: str) -> tuple[float, float]:
     """(steps, split steps) so far, from ggserve's metrics (NaN for another server)."""
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"{url}/metrics", timeout=30)).text
-    found = {name: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith(name + "{"))
-             for name in ("ggserve:decode_calls_total", "ggserve:step_split_total")}
     if "ggserve:decode_calls_total{" not in text:
         return float("nan"), float("nan")
-    return found["ggserve:decode_calls_total"], found["ggserve:step_split_total"]
+    steps, split = (sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith(name + "{"))
+                    for name in ("ggserve:decode_calls_total", "ggserve:step_split_total"))
+    return steps, split
 
 
 def servers(model: Path, args: argparse.Namespace) -> dict[str, Server]:

@@ -16,10 +16,11 @@ import pytest
 
 from server.app import create_app
 from server.chat.template import plain_prompt
-from server.engine.base import GenerationRequest, TextDelta, Usage
+from server.engine.base import GenerationRequest, Usage
 from server.engine.llama import scheduler as scheduler_module
 from server.engine.manager import LlamaEngine
 from server.settings import Settings
+from tests.engine.test_grammar_isolation import collect
 from tests.engine.test_scheduler_failures import GREEDY, MODEL, anyio_backend
 
 __all__ = ["anyio_backend"]
@@ -108,13 +109,11 @@ def request(name: str, max_tokens: int) -> GenerationRequest:
 
 
 async def generate(engine: LlamaEngine, name: str, max_tokens: int) -> tuple[str, Usage]:
-    return await collect(await engine.generate(request(name, max_tokens)))
+    text, usage = await collect(await engine.generate(request(name, max_tokens)))
+    assert usage is not None
+    return text, usage
 
 
-async def collect(stream: Any) -> tuple[str, Usage]:
-    events = [e async for e in stream]
-    usage = next(e for e in events if isinstance(e, Usage))
-    return "".join(e.text for e in events if isinstance(e, TextDelta)), usage
 
 
 @pytest.mark.anyio

@@ -5,6 +5,7 @@ too and their KV cells removed after the decode, whatever it returned."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import llama_cpp as lc
@@ -28,28 +29,30 @@ class BatchRows:
         self._model = model
         self._kv_unified = kv_unified
         self._n_ctx_seq = n_ctx_seq  # cells in each sequence's KV stream
+        self._fillers: list[Entry] = []  # those fill() wrote, until drop_fillers()
 
     def close_gaps(self, entries: list[Entry], widest: float) -> list[Entry]:
         """The plan with fillers in the gaps of at most `widest` sequences between planned ones
         (batch.fill_gaps): separate KV streams then decode in fewer passes over the weights."""
         if not entries or entries[-1].seq_id - entries[0].seq_id < len(entries):  # no gap
             return entries
-        planned = {e.seq_id for e in entries}
         free = {}
-        for seq in range(entries[0].seq_id + 1, entries[-1].seq_id):
-            if seq not in planned:
-                # an idle slot's cache, or a waiting sequence: its positions run from 0
-                position = lc.llama_memory_seq_pos_max(self._memory, seq) + 1
-                if position < self._n_ctx_seq:
-                    free[seq] = position
+        for left, right in itertools.pairwise(entries):
+            if right.seq_id - left.seq_id - 1 <= widest:
+                for seq in range(left.seq_id + 1, right.seq_id):
+                    # an idle slot's cache, or a waiting sequence: its positions run from 0
+                    position = lc.llama_memory_seq_pos_max(self._memory, seq) + 1
+                    if position < self._n_ctx_seq:
+                        free[seq] = position
         capacity = self._buffer.capacity
         return fill_gaps(entries, free, capacity, capacity, widest)
 
-    def drop_fillers(self, entries: list[Entry]) -> None:
-        """Remove the fillers' KV cells (after the decode, successful or not)."""
-        for entry in entries:
-            if entry.filler:
-                lc.llama_memory_seq_rm(self._memory, entry.seq_id, entry.key, -1)
+    def drop_fillers(self) -> None:
+        """Remove the KV cells of the fillers fill() wrote (after the decode, whatever it
+        returned)."""
+        for entry in self._fillers:
+            lc.llama_memory_seq_rm(self._memory, entry.seq_id, entry.key, -1)
+        self._fillers.clear()
 
     def fill(self, entries: list[Entry], decoding: list[Choice],
              prefilling: list[Job]) -> list[tuple[Job, Choice, int]]:
@@ -73,6 +76,7 @@ class BatchRows:
             flush_run()
             if entry.filler:  # any token: no logits, and its cell goes after the decode
                 buffer.add_tokens([0], entry.key, [entry.seq_id], False)
+                self._fillers.append(entry)
                 continue
             if not entry.prefill:  # the next token and its drafts, each with logits
                 c = decoding[entry.key]

@@ -352,7 +352,7 @@ class Scheduler:
         filled = time.perf_counter()
         status = lc.llama_decode(self.ctx, self._buffer.ready())
         decoded = time.perf_counter()
-        self._rows.drop_fillers(entries)
+        self._rows.drop_fillers()
         if status != 0:
             self._fail_batch(entries, decoding, prefilling, status)
             return
